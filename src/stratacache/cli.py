@@ -1,0 +1,165 @@
+"""The ``stratacache`` command: ``stratacache serve`` runs the gRPC server.
+
+Every flag has an environment variable twin (``--data-dir`` <-> ``STRATACACHE_DATA_DIR``); a
+flag given on the command line wins over its variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import config
+from .config import Settings
+from .errors import CacheError
+
+log = logging.getLogger("stratacache")
+
+ENV_PREFIX = "STRATACACHE_"
+
+
+@dataclass(frozen=True)
+class _Flag:
+    field: str
+    type: Callable[[str], Any]
+    default: Any
+    help: str
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+
+def _mib(value: str) -> int:
+    return int(float(value) * (1 << 20))
+
+
+#: The serve flags, in --help order. Units are in the help text; the README's table is this list.
+SERVE_FLAGS = (
+    _Flag("data_dir", Path, config.DEFAULT_DATA_DIR,
+          "directory for the warm (LMDB) and cold (SQLite) tiers; created if missing"),
+    _Flag("host", str, config.DEFAULT_HOST, "address to listen on (0.0.0.0 for all interfaces)"),
+    _Flag("port", int, config.DEFAULT_PORT, "TCP port to listen on (0 picks a free one)"),
+    _Flag("model", str, config.DEFAULT_MODEL,
+          "sentence-transformers model folder, or 'default' for the bundled all-MiniLM-L6-v2; "
+          "never downloaded"),
+    _Flag("device", str, config.DEFAULT_DEVICE, "embedding device: auto, cpu, cuda, cuda:N"),
+    _Flag("min_similarity", float, config.DEFAULT_MIN_SIMILARITY,
+          "default cosine similarity a semantic hit must reach, in [0, 1]; higher = fewer wrong "
+          "answers and fewer hits (chosen on QQP: see the README)"),
+    _Flag("hot_capacity", int, config.DEFAULT_HOT_CAPACITY,
+          "entries held in memory (hot tier); beyond it the least recently used stay on disk only"),
+    _Flag("hnsw_m", int, config.DEFAULT_HNSW_M, "HNSW graph degree: more = better recall, more memory"),
+    _Flag("hnsw_ef_construction", int, config.DEFAULT_HNSW_EF_CONSTRUCTION,
+          "HNSW build breadth: more = better graph, slower inserts"),
+    _Flag("hnsw_ef_search", int, config.DEFAULT_HNSW_EF_SEARCH,
+          "HNSW search breadth: more = better recall, slower lookups"),
+    _Flag("warm_max_mib", _mib, config.DEFAULT_WARM_MAX_BYTES >> 20,
+          "warm tier disk budget in MiB; beyond it the least recently used entries move to cold"),
+    _Flag("cold_max_mib", _mib, config.DEFAULT_COLD_MAX_BYTES >> 20,
+          "cold tier disk bound in MiB, 0 = unbounded; beyond it the oldest entries are evicted"),
+    _Flag("embed_max_batch", int, config.DEFAULT_EMBED_MAX_BATCH, "most texts per embedding pass"),
+    _Flag("embed_max_wait_ms", float, config.DEFAULT_EMBED_MAX_WAIT_MS,
+          "ms to wait for a batch to fill once the model is free (0 = no wait: lowest latency)"),
+    _Flag("embed_max_queue", int, config.DEFAULT_EMBED_MAX_QUEUE,
+          "most texts waiting to be embedded; beyond it calls get RESOURCE_EXHAUSTED"),
+    _Flag("sweep_interval_s", float, config.DEFAULT_SWEEP_INTERVAL_S,
+          "seconds between sweeps that free expired entries (expired ones are never served)"),
+    _Flag("shutdown_grace_s", float, config.DEFAULT_SHUTDOWN_GRACE_S,
+          "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
+    _Flag("api_key", str, None,
+          "require 'authorization: Bearer <key>' on every call but health checks (prefer the "
+          "environment variable: command lines are visible to other users)"),
+    _Flag("log_level", str, "info", "debug, info, warning or error"),
+)
+
+_SETTINGS_FIELD = {"warm_max_mib": "warm_max_bytes", "cold_max_mib": "cold_max_bytes"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stratacache",
+        description="stratacache: a semantic cache server for LLM applications (gRPC).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the cache server",
+        description="Run the gRPC cache server. Every flag can also be set by the environment "
+                    "variable named after it; the flag wins.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for flag in SERVE_FLAGS:
+        # argparse runs string defaults through `type`, so env values and defaults parse alike.
+        default = os.environ.get(flag.env, None if flag.default is None else str(flag.default))
+        serve.add_argument(flag.option, type=flag.type, default=default,
+                           help=f"{flag.help} [env {flag.env}]")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    values = {_SETTINGS_FIELD.get(f.field, f.field): getattr(args, f.field)
+              for f in SERVE_FLAGS if f.field != "log_level"}
+    return Settings(**values)
+
+
+async def serve(settings: Settings) -> None:
+    """Runs until SIGTERM/SIGINT, then drains in-flight calls and flushes the tiers."""
+    from .embed import Encoder
+    from .engine import Engine
+    from .service import CacheServer
+
+    started = time.perf_counter()
+    encoder = await asyncio.to_thread(Encoder, settings.model, device=settings.device)
+    engine = await Engine.open(settings, encoder)
+    try:
+        server = CacheServer(engine, settings)
+    except BaseException:
+        await engine.close()
+        raise
+    await server.start()
+    log.info("stratacache ready on %s:%d in %.1f s (model %s, dim %d, %s, data %s, "
+             "entries hot/warm/cold %d/%d/%d)", settings.host, server.port,
+             time.perf_counter() - started, encoder.identity.name, encoder.dimension,
+             encoder.device, settings.data_dir, len(engine.hot), len(engine.warm),
+             len(engine.cold))
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: finishing in-flight calls (up to %.0f s), then flushing",
+             settings.shutdown_grace_s)
+    await server.stop()
+    log.info("stopped cleanly")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    try:
+        asyncio.run(serve(settings))
+    except (CacheError, OSError) as exc:
+        log.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

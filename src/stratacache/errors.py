@@ -1,0 +1,42 @@
+"""Errors the engine raises; ``service`` maps each class to one gRPC status code.
+
+    CacheError
+    ├── InvalidArgument      -> INVALID_ARGUMENT   (the caller must change the request)
+    ├── NotFound             -> NOT_FOUND
+    ├── Overloaded           -> RESOURCE_EXHAUSTED (retry later, with backoff)
+    ├── StorageFull          -> RESOURCE_EXHAUSTED (an admin must raise a budget)
+    ├── Unavailable          -> UNAVAILABLE        (the server is shutting down)
+    └── DataDirMismatch      -> raised at start-up: the data directory belongs to another model
+
+Messages are written for a person: they say what was wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class CacheError(Exception):
+    """Base class of every error the engine raises on purpose."""
+
+
+class InvalidArgument(CacheError):
+    """The request is malformed; the message names the field and the rule."""
+
+
+class NotFound(CacheError):
+    """The request names something that does not exist."""
+
+
+class Overloaded(CacheError):
+    """A bounded queue is full; the caller should retry with backoff."""
+
+
+class StorageFull(CacheError):
+    """A tier cannot take more data even after demotion."""
+
+
+class Unavailable(CacheError):
+    """The engine is closing or closed."""
+
+
+class DataDirMismatch(CacheError):
+    """The data directory was built with another embedding model or dimension."""

@@ -1,0 +1,95 @@
+"""The engine's requests and results: plain dataclasses, free of protobuf (``service`` converts)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .records import Tier
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoreRequest:
+    prompt: str
+    response: bytes
+    namespace: str = "default"
+    scope: Mapping[str, str] = field(default_factory=dict)
+    template_id: str | None = None
+    template_version: str | None = None
+    ttl_s: float | None = None
+    user_id: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    entry_id: str
+    replaced: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LookupRequest:
+    prompt: str
+    namespace: str = "default"
+    scope: Mapping[str, str] = field(default_factory=dict)
+    template_id: str | None = None
+    template_version: str | None = None
+    min_similarity: float | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LookupResult:
+    """``similarity`` is cosine similarity (1.0 for an exact hit); ``age_s`` seconds since the
+    entry was stored; ``best_similarity`` on a miss is the closest candidate's, 0 if none;
+    ``server_time_us`` the engine's time on the call."""
+
+    hit: bool
+    response: bytes = b""
+    similarity: float = 0.0
+    matched_prompt: str = ""
+    entry_id: str = ""
+    tier: Tier | None = None
+    age_s: float = 0.0
+    best_similarity: float = 0.0
+    server_time_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TierStats:
+    entries: int
+    bytes: int
+    capacity: int
+    hits: int
+    demotions: int
+    promotions: int
+
+
+@dataclass(frozen=True, slots=True)
+class StageStats:
+    count: int
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Stats:
+    model: str
+    dimension: int
+    device: str
+    default_min_similarity: float
+    lookups: int
+    hits: int
+    misses: int
+    stores: int
+    expired: int
+    invalidated: int
+    exact: TierStats
+    hot: TierStats
+    warm: TierStats
+    cold: TierStats
+    embed_batches: int
+    embed_texts: int
+    rejected_overload: int
+    stages: Mapping[str, StageStats]
+    uptime_s: float
+    simd_isa: str

@@ -1,0 +1,212 @@
+"""Cold tier: entries demoted from the warm tier, in an embedded SQLite database.
+
+The schema keeps what queries filter on in columns (partition, exact key, namespace, template,
+user, expiry) and the rest as the shared record encoding, so a shared SQL engine could back the
+same table later. Vectors have their own column; a search reads one partition's vectors and
+scans them with the native kernel (cold means rarely searched: partitions the hot tier covers
+fully never reach it).
+
+One thread owns the connection: every call runs there, in order, so a search never sees a
+half-applied change, and the event loop never waits on disk. WAL with synchronous=FULL: a
+committed move is durable before the warm copy is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from .. import _core
+from ..records import Entry, decode, encode
+from .base import Candidate
+
+T = TypeVar("T")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    id TEXT PRIMARY KEY,
+    namespace TEXT NOT NULL,
+    partition BLOB NOT NULL,
+    exact_key BLOB NOT NULL,
+    template_id TEXT,
+    template_version TEXT,
+    user_id TEXT,
+    created_at REAL NOT NULL,
+    expires_at REAL,
+    size INTEGER NOT NULL,
+    vector BLOB NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS entries_partition ON entries(partition);
+CREATE INDEX IF NOT EXISTS entries_exact ON entries(exact_key);
+CREATE INDEX IF NOT EXISTS entries_template ON entries(namespace, template_id, template_version);
+CREATE INDEX IF NOT EXISTS entries_user ON entries(user_id);
+CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires_at) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS entries_created ON entries(created_at);
+"""
+
+_NOT_EXPIRED = "(expires_at IS NULL OR expires_at > ?)"
+
+
+class ColdTier:
+    """SQLite-backed entries; every method is a coroutine run on the tier's own thread.
+
+    Args:
+        path: the database file.
+        dimension: vector length.
+        max_bytes: bound on stored bytes; past it the oldest entries are evicted (0 = none).
+    """
+
+    def __init__(self, path: Path, dimension: int, *, max_bytes: int = 0) -> None:
+        self.dimension = dimension
+        self.max_bytes = max_bytes
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cold")
+        self._db = self._executor.submit(self._connect, path).result()
+        # Per-partition entry counts, kept on the event loop, so lookups skip empty partitions
+        # without a query.
+        self._counts: Counter[bytes] = Counter(dict(self._sync_query(
+            "SELECT partition, COUNT(*) FROM entries GROUP BY partition")))
+        self.bytes = int(self._sync_query("SELECT COALESCE(SUM(size), 0) FROM entries")[0][0])
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _sync_query(self, sql: str, *args: object) -> list[tuple]:
+        return self._executor.submit(lambda: self._db.execute(sql, args).fetchall()).result()
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def __len__(self) -> int:
+        return sum(self._counts.values())
+
+    def count(self, partition: bytes) -> int:
+        return self._counts.get(partition, 0)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def get(self, entry_id: str) -> Entry | None:
+        rows = await self._run(self._select, "id = ?", (entry_id,))
+        return rows[0] if rows else None
+
+    async def get_exact(self, key: bytes, now: float) -> Entry | None:
+        rows = await self._run(self._select, f"exact_key = ? AND {_NOT_EXPIRED}", (key, now))
+        return rows[0] if rows else None
+
+    def _select(self, where: str, args: tuple) -> list[Entry]:
+        rows = self._db.execute(f"SELECT vector, record FROM entries WHERE {where}", args)
+        return [decode(record, np.frombuffer(vector, dtype="<f4")) for vector, record in rows]
+
+    async def search(self, partition: bytes, query: np.ndarray, k: int,
+                     now: float) -> list[Candidate]:
+        if not self._counts.get(partition):
+            return []
+        return await self._run(self._search, partition, query, k, now)
+
+    def _search(self, partition: bytes, query: np.ndarray, k: int, now: float) -> list[Candidate]:
+        rows = self._db.execute(
+            f"SELECT id, vector FROM entries WHERE partition = ? AND {_NOT_EXPIRED}",
+            (partition, now)).fetchall()
+        if not rows:
+            return []
+        matrix = np.frombuffer(b"".join(v for _, v in rows), dtype="<f4").reshape(len(rows), -1)
+        idx, scores = _core.topk_ip(query, matrix, k)
+        return [Candidate(rows[i][0], float(s)) for i, s in zip(idx[0], scores[0])]
+
+    async def ids_where(self, where: str, args: tuple) -> list[str]:
+        rows = await self._run(
+            lambda: self._db.execute(f"SELECT id FROM entries WHERE {where}", args).fetchall())
+        return [r[0] for r in rows]
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def put(self, entries: Sequence[Entry]) -> list[str]:
+        """Writes ``entries`` durably; returns ids evicted to stay under ``max_bytes``."""
+        rows = []
+        for e in entries:
+            vector = np.ascontiguousarray(e.vector, dtype="<f4").tobytes()
+            record = encode(e, with_vector=False)
+            rows.append((e.id, e.namespace, e.partition, e.exact_key, e.template_id,
+                         e.template_version, e.user_id, e.created_at, e.expires_at,
+                         len(vector) + len(record), vector, record))
+        replaced = await self._run(self._insert, rows)
+        for partition, size in replaced:
+            self._counts[partition] -= 1
+            self.bytes -= size
+        for e, row in zip(entries, rows):
+            self._counts[e.partition] += 1
+            self.bytes += row[9]
+        if self.max_bytes and self.bytes > self.max_bytes:
+            return await self._evict()
+        return []
+
+    def _insert(self, rows: list[tuple]) -> list[tuple[bytes, int]]:
+        """Inserts rows in one transaction; returns (partition, size) of rows they replaced."""
+        replaced = []
+        with self._db:
+            self._db.execute("BEGIN")
+            for row in rows:
+                old = self._db.execute("DELETE FROM entries WHERE id = ? RETURNING partition, size",
+                                       (row[0],)).fetchone()
+                if old:
+                    replaced.append((old[0], old[1]))
+                self._db.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        return replaced
+
+    async def remove(self, ids: Iterable[str]) -> list[str]:
+        """Removes entries; returns the ids that were here."""
+        ids = list(ids)
+        if not ids:
+            return []
+        removed = await self._run(self._delete, ids)
+        for _, partition, size in removed:
+            self._counts[partition] -= 1
+            if not self._counts[partition]:
+                del self._counts[partition]
+            self.bytes -= size
+        return [entry_id for entry_id, _, _ in removed]
+
+    def _delete(self, ids: list[str]) -> list[tuple[str, bytes, int]]:
+        removed = []
+        with self._db:
+            self._db.execute("BEGIN")
+            for entry_id in ids:
+                row = self._db.execute("DELETE FROM entries WHERE id = ? RETURNING partition, size",
+                                       (entry_id,)).fetchone()
+                if row:
+                    removed.append((entry_id, row[0], row[1]))
+        return removed
+
+    async def _evict(self) -> list[str]:
+        over = self.bytes - self.max_bytes
+        rows = await self._run(lambda: self._db.execute(
+            "SELECT id, size FROM entries ORDER BY created_at").fetchmany(100_000))
+        chosen, freed = [], 0
+        for entry_id, size in rows:
+            if freed >= over:
+                break
+            chosen.append(entry_id)
+            freed += size
+        return await self.remove(chosen)
+
+    def file_bytes(self) -> int:
+        return int(self._sync_query(
+            "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()")[0][0])
+
+    def close(self) -> None:
+        self._executor.submit(self._db.close).result()
+        self._executor.shutdown(wait=True)
+

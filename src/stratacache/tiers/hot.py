@@ -1,0 +1,186 @@
+"""Hot tier: recently used entries in memory, one vector index per partition.
+
+A partition's index starts as an exact scan (:class:`VectorMatrix`): for a few hundred vectors it
+is faster than a graph and costs no graph memory, which matters when every conversation digest
+makes its own partition. Past ``hnsw_min_entries`` the partition moves to an hnswlib HNSW graph
+(inner-product space; hnswlib's "distance" is ``1 - dot``, converted back to similarity here).
+
+The hot tier is a cache of the warm and cold tiers: every entry in it is also on disk, so
+dropping the least recently used entries beyond ``capacity`` demotes them without loss.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+
+import hnswlib
+import numpy as np
+
+from ..records import Entry
+from .base import Candidate
+from .vectors import VectorMatrix
+
+#: Partitions with fewer entries are searched exactly; at this size they get an HNSW graph.
+DEFAULT_HNSW_MIN_ENTRIES = 512
+_ENTRY_OVERHEAD_BYTES = 256  # Python objects and dict slots per entry, roughly
+
+
+class _GraphIndex:
+    """An hnswlib index with string ids, reusing deleted slots and growing by doubling."""
+
+    def __init__(self, dimension: int, *, m: int, ef_construction: int, ef_search: int,
+                 initial: int) -> None:
+        self._index = hnswlib.Index(space="ip", dim=dimension)
+        self._index.init_index(max_elements=initial, M=m, ef_construction=ef_construction,
+                               allow_replace_deleted=True)
+        self._index.set_num_threads(1)
+        self._ef_search = ef_search
+        self._index.set_ef(ef_search)
+        self._labels = itertools.count()
+        self._label_of: dict[str, int] = {}
+        self._id_of: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self._label_of)
+
+    def add(self, entry_id: str, vector: np.ndarray) -> None:
+        if entry_id in self._label_of:
+            self.remove(entry_id)
+        capacity = self._index.get_max_elements()
+        if self._index.get_current_count() >= capacity and len(self._label_of) >= capacity:
+            self._index.resize_index(2 * capacity)
+        label = next(self._labels)
+        self._index.add_items(vector.reshape(1, -1), np.array([label]), replace_deleted=True)
+        self._label_of[entry_id] = label
+        self._id_of[label] = entry_id
+
+    def remove(self, entry_id: str) -> bool:
+        label = self._label_of.pop(entry_id, None)
+        if label is None:
+            return False
+        del self._id_of[label]
+        self._index.mark_deleted(label)
+        return True
+
+    def search(self, query: np.ndarray, k: int) -> list[Candidate]:
+        k = min(k, len(self._label_of))
+        while k > 0:
+            try:
+                labels, distances = self._index.knn_query(query.reshape(1, -1), k=k)
+                break
+            except RuntimeError:  # fewer than k reachable past deleted nodes: ask for fewer
+                k -= 1
+        else:
+            return []
+        return [Candidate(self._id_of[int(label)], 1.0 - float(d))
+                for label, d in zip(labels[0], distances[0])]
+
+
+class _Partition:
+    def __init__(self, dimension: int) -> None:
+        self.flat: VectorMatrix | None = VectorMatrix(dimension)
+        self.graph: _GraphIndex | None = None
+
+    @property
+    def index(self) -> VectorMatrix | _GraphIndex:
+        return self.flat if self.flat is not None else self.graph  # type: ignore[return-value]
+
+
+class HotTier:
+    """In-memory entries with per-partition vector search, bounded by ``capacity`` entries.
+
+    All methods are synchronous and cheap; the engine calls them on its event loop thread.
+    """
+
+    def __init__(self, dimension: int, *, capacity: int, m: int, ef_construction: int,
+                 ef_search: int, hnsw_min_entries: int = DEFAULT_HNSW_MIN_ENTRIES) -> None:
+        self.dimension = dimension
+        self.capacity = capacity
+        self._graph_params = dict(m=m, ef_construction=ef_construction, ef_search=ef_search)
+        self._hnsw_min_entries = hnsw_min_entries
+        self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
+        self._exact: dict[bytes, str] = {}
+        self._partitions: dict[bytes, _Partition] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, entry_id: str) -> bool:
+        return entry_id in self._entries
+
+    def count(self, partition: bytes) -> int:
+        p = self._partitions.get(partition)
+        return len(p.index) if p is not None else 0
+
+    def get(self, entry_id: str) -> Entry | None:
+        """The entry, marked as just used."""
+        entry = self._entries.get(entry_id)
+        if entry is not None:
+            self._entries.move_to_end(entry_id)
+        return entry
+
+    def get_exact(self, key: bytes) -> Entry | None:
+        entry_id = self._exact.get(key)
+        return self.get(entry_id) if entry_id is not None else None
+
+    def search(self, partition: bytes, query: np.ndarray, k: int, now: float) -> list[Candidate]:
+        """Top-``k`` of the partition, best first, expired entries left out."""
+        p = self._partitions.get(partition)
+        if p is None:
+            return []
+        found = p.index.search(query, k + 8)  # room for a few expired entries
+        return [c for c in found if not self._entries[c.entry_id].expired(now)][:k]
+
+    def add(self, entry: Entry) -> list[str]:
+        """Holds ``entry`` (already durable elsewhere); returns the ids dropped for capacity."""
+        self.remove(entry.id)
+        p = self._partitions.get(entry.partition)
+        if p is None:
+            p = self._partitions[entry.partition] = _Partition(self.dimension)
+        p.index.add(entry.id, entry.vector)
+        if p.flat is not None and len(p.flat) >= self._hnsw_min_entries:
+            self._promote_to_graph(p)
+        self._entries[entry.id] = entry
+        self._exact[entry.exact_key] = entry.id
+        self.bytes += _size(entry)
+        dropped = []
+        while len(self._entries) > self.capacity:
+            oldest = next(iter(self._entries))
+            self.remove(oldest)
+            dropped.append(oldest)
+        return dropped
+
+    def _promote_to_graph(self, p: _Partition) -> None:
+        assert p.flat is not None
+        ids, vectors = p.flat.rows()
+        graph = _GraphIndex(self.dimension, initial=2 * len(ids), **self._graph_params)
+        for entry_id, vector in zip(ids, vectors):
+            graph.add(entry_id, vector)
+        p.graph, p.flat = graph, None
+
+    def remove(self, entry_id: str) -> bool:
+        entry = self._entries.pop(entry_id, None)
+        if entry is None:
+            return False
+        p = self._partitions[entry.partition]
+        p.index.remove(entry_id)
+        if len(p.index) == 0:
+            del self._partitions[entry.partition]
+        if self._exact.get(entry.exact_key) == entry_id:
+            del self._exact[entry.exact_key]
+        self.bytes -= _size(entry)
+        return True
+
+    def ids_where(self, predicate: Callable[[Entry], bool]) -> list[str]:
+        return [e.id for e in self._entries.values() if predicate(e)]
+
+    def remove_many(self, ids: Iterable[str]) -> int:
+        return sum(self.remove(i) for i in ids)
+
+
+def _size(entry: Entry) -> int:
+    return (entry.vector.nbytes + len(entry.prompt) + len(entry.response)
+            + _ENTRY_OVERHEAD_BYTES)

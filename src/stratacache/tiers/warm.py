@@ -1,0 +1,224 @@
+"""Warm tier: entries in LMDB on local disk, their vectors also in memory for exact search.
+
+Writes run on one dedicated thread (LMDB allows one writer; the event loop never waits on an
+fsync) and commit synchronously, so an entry written here is durable. Reads of single entries
+are memory-mapped and fast enough to run on the event loop. What the tier must know about an
+entry without reading it (partition, expiry, template, user, size) is kept in memory and rebuilt
+from the file at start-up.
+
+The tier is bounded by ``max_bytes``, an estimate of the space its entries take in the file
+(LMDB stores values over about half a page in whole overflow pages). The engine demotes the
+least recently used entries to the cold tier when ``over_budget()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from ..errors import StorageFull
+from ..records import Entry, EntryInfo, decode, encode
+from .base import Candidate
+from .vectors import VectorMatrix
+
+log = logging.getLogger(__name__)
+
+_PAGE = 4096
+_MIN_MAP_BYTES = 64 << 20
+#: After a demotion the tier holds at most this share of its budget (hysteresis).
+LOW_WATERMARK = 0.9
+
+
+def _stored_size(key_len: int, value_len: int) -> int:
+    """Bytes LMDB spends on a record: inline on a page, or whole overflow pages."""
+    if value_len > _PAGE // 2 - 64:
+        return -(-(value_len + 16) // _PAGE) * _PAGE + key_len + 16
+    return key_len + value_len + 16
+
+
+class WarmTier:
+    """LMDB-backed entries. Mutating methods are coroutines; they finish writing to disk before
+    they change what lookups see (adds) or change it before writing (removes)."""
+
+    def __init__(self, path: Path, dimension: int, *, max_bytes: int) -> None:
+        self.dimension = dimension
+        self.max_bytes = max_bytes
+        path.mkdir(parents=True, exist_ok=True)
+        existing = (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0
+        # The map must hold the budget with room for LMDB's free pages; it is virtual memory,
+        # not disk, until written.
+        self._map_size = max(_MIN_MAP_BYTES, 2 * max_bytes, 2 * existing)
+        self._env = lmdb.open(str(path), map_size=self._map_size, max_dbs=2, sync=True,
+                              metasync=True, readahead=False)
+        self._db = self._env.open_db(b"entries")
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-writer")
+        self._infos: dict[str, EntryInfo] = {}
+        self._recency: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        self._exact: dict[bytes, str] = {}
+        self._partitions: dict[bytes, VectorMatrix] = {}
+        self.bytes = 0
+        self._load()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        loaded: list[tuple[float, Entry, int]] = []
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            for key, value in txn.cursor():
+                entry = decode(value)
+                loaded.append((entry.created_at, entry, _stored_size(len(key), len(value))))
+        for _, entry, size in sorted(loaded, key=lambda t: t[0]):
+            self._index(entry, size)
+        if loaded:
+            log.info("warm tier: loaded %d entries (%.1f MiB) in %.2f s", len(loaded),
+                     self.bytes / (1 << 20), time.perf_counter() - started)
+
+    # --- reads (event loop) -------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __contains__(self, entry_id: str) -> bool:
+        return entry_id in self._infos
+
+    def count(self, partition: bytes) -> int:
+        matrix = self._partitions.get(partition)
+        return len(matrix) if matrix is not None else 0
+
+    def infos(self) -> Iterable[EntryInfo]:
+        return self._infos.values()
+
+    def exact_id(self, key: bytes) -> str | None:
+        return self._exact.get(key)
+
+    def get(self, entry_id: str) -> Entry | None:
+        """The entry read from disk, marked as just used; None if it is not here."""
+        if entry_id not in self._infos:
+            return None
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            value = txn.get(entry_id.encode())
+            entry = decode(value) if value is not None else None
+        if entry is not None:
+            self._recency.move_to_end(entry_id)
+        return entry
+
+    def search(self, partition: bytes, query: np.ndarray, k: int, now: float) -> list[Candidate]:
+        """Exact top-``k`` of the partition, expired entries left out."""
+        matrix = self._partitions.get(partition)
+        if matrix is None:
+            return []
+        found = matrix.search(query, k + 8)  # room for a few expired entries
+        return [c for c in found if not _expired(self._infos[c.entry_id], now)][:k]
+
+    def vector(self, entry_id: str) -> np.ndarray:
+        info = self._infos[entry_id]
+        return self._partitions[info.partition].vector(entry_id)
+
+    def ids_where(self, predicate: Callable[[EntryInfo], bool]) -> list[str]:
+        return [i.id for i in self._infos.values() if predicate(i)]
+
+    def over_budget(self) -> bool:
+        return self.bytes > self.max_bytes
+
+    def coldest(self) -> list[str]:
+        """Least recently used ids to move out so the tier falls to its low watermark."""
+        target = self.bytes - int(self.max_bytes * LOW_WATERMARK)
+        chosen, freed = [], 0
+        for entry_id in self._recency:
+            if freed >= target:
+                break
+            chosen.append(entry_id)
+            freed += self._infos[entry_id].size
+        return chosen
+
+    # --- writes (disk on the writer thread, then memory) ---------------------------------------
+
+    async def put(self, entries: Sequence[Entry], *, replacing: Iterable[str] = ()) -> None:
+        """Writes ``entries`` durably (and deletes ``replacing`` in the same transaction).
+
+        Raises:
+            StorageFull: LMDB's map is full even after the tier's own demotions.
+        """
+        gone = [i for i in replacing if i in self._infos]
+        encoded = [(e.id.encode(), encode(e)) for e in entries]
+        loop = asyncio.get_running_loop()
+        # Replaced entries stay visible until the new ones are durable: a failed write loses
+        # nothing.
+        await loop.run_in_executor(self._writer, self._write, encoded, [g.encode() for g in gone])
+        for entry_id in gone:
+            if entry_id in self._infos:
+                self._unindex(entry_id)
+        for entry, (key, value) in zip(entries, encoded):
+            self._index(entry, _stored_size(len(key), len(value)))
+
+    def _write(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> None:
+        try:
+            with self._env.begin(db=self._db, write=True) as txn:
+                for key in deletes:
+                    txn.delete(key)
+                for key, value in puts:
+                    txn.put(key, value)
+        except lmdb.MapFullError:
+            raise StorageFull(
+                f"warm tier's LMDB map ({self._map_size >> 20} MiB) is full: raise "
+                "--warm-max-bytes, or free disk space and restart") from None
+
+    async def remove(self, ids: Iterable[str]) -> list[str]:
+        """Removes entries; returns the ids that were here."""
+        gone = [i for i in ids if i in self._infos]
+        if not gone:
+            return []
+        for entry_id in gone:
+            self._unindex(entry_id)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer, self._write, [], [g.encode() for g in gone])
+        return gone
+
+    def read_many(self, ids: Sequence[str]) -> list[Entry]:
+        with self._env.begin(db=self._db, buffers=True) as txn:
+            values = [txn.get(i.encode()) for i in ids]
+            return [decode(v) for v in values if v is not None]
+
+    def _index(self, entry: Entry, size: int) -> None:
+        if entry.id in self._infos:
+            self._unindex(entry.id)
+        info = EntryInfo.of(entry, size)
+        self._infos[entry.id] = info
+        self._recency[entry.id] = None
+        self._exact[entry.exact_key] = entry.id
+        matrix = self._partitions.get(entry.partition)
+        if matrix is None:
+            matrix = self._partitions[entry.partition] = VectorMatrix(self.dimension)
+        matrix.add(entry.id, entry.vector)
+        self.bytes += size
+
+    def _unindex(self, entry_id: str) -> None:
+        info = self._infos.pop(entry_id)
+        del self._recency[entry_id]
+        if self._exact.get(info.exact_key) == entry_id:
+            del self._exact[info.exact_key]
+        matrix = self._partitions[info.partition]
+        matrix.remove(entry_id)
+        if not len(matrix):
+            del self._partitions[info.partition]
+        self.bytes -= info.size
+
+    def file_bytes(self) -> int:
+        info = self._env.info()
+        return (info["last_pgno"] + 1) * self._env.stat()["psize"]
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._env.sync(True)
+        self._env.close()
+
+
+def _expired(info: EntryInfo, now: float) -> bool:
+    return info.expires_at is not None and info.expires_at <= now

@@ -1,0 +1,104 @@
+"""Fixtures: the real embedding model (loaded once), and real servers on loopback port 0 with
+their data directories under pytest's tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stratacache import Client
+from stratacache.config import Settings
+from stratacache.embed import Encoder
+from stratacache.engine import Engine
+from stratacache.service import CacheServer
+
+
+@pytest.fixture(scope="session")
+def encoder() -> Encoder:
+    return Encoder("default", device="cpu")
+
+
+class RunningServer:
+    """A real grpc.aio server with its engine, on its own event loop thread."""
+
+    def __init__(self, settings: Settings, encoder: Encoder, **engine_kwargs: int) -> None:
+        self.settings = settings
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        try:
+            self.server = self.run(self._start(encoder, engine_kwargs))
+        except BaseException:
+            self._shutdown_loop()
+            raise
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    async def _start(self, encoder: Encoder, engine_kwargs: dict) -> CacheServer:
+        engine = await Engine.open(self.settings, encoder, **engine_kwargs)
+        server = CacheServer(engine, self.settings)
+        await server.start()
+        return server
+
+    @property
+    def engine(self) -> Engine:
+        return self.server.engine
+
+    def run(self, coroutine, timeout: float = 120):  # type: ignore[no-untyped-def]
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def client(self, **kwargs: object) -> Client:
+        return Client(self.target, **kwargs)  # type: ignore[arg-type]
+
+    def stop(self) -> None:
+        if self._loop.is_running():
+            self.run(self.server.stop(grace_s=2))
+            self._shutdown_loop()
+
+    def _shutdown_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+
+@pytest.fixture
+def start_server(encoder: Encoder, tmp_path: Path) -> Iterator:
+    """``start_server(**settings)`` starts a server on port 0; every one is stopped after the
+    test. Settings default to a fresh data directory under tmp_path."""
+    started: list[RunningServer] = []
+
+    def start(engine_kwargs: dict | None = None, **overrides: object) -> RunningServer:
+        values = {"data_dir": tmp_path / "data", "port": 0, "sweep_interval_s": 3600.0}
+        values.update(overrides)
+        server = RunningServer(Settings(**values), encoder, **(engine_kwargs or {}))  # type: ignore[arg-type]
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def server(start_server) -> RunningServer:  # type: ignore[no-untyped-def]
+    return start_server()
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[Client]:
+    with server.client() as c:
+        yield c
+
+
+_namespaces = itertools.count()
+
+
+@pytest.fixture
+def namespace() -> str:
+    """A namespace of this test's own."""
+    return f"test-{next(_namespaces)}"
