@@ -3,12 +3,15 @@ directory refuses a model it was not filled by."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import pytest
 
+from stratacache import AsyncClient
 from stratacache.errors import DataDirMismatch
+from stratacache.tiers.warm import WarmTier
 
 # Twenty questions on unrelated topics, so each is its own nearest neighbour.
 TOPICS = [
@@ -126,3 +129,15 @@ def test_data_dir_refuses_another_model(start_server, tmp_path) -> None:  # type
 def test_data_dir_is_locked_to_one_server(server, start_server) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(DataDirMismatch, match="in use by another stratacache server"):
         start_server()
+
+
+def test_concurrent_stores_share_durable_commits(server) -> None:  # type: ignore[no-untyped-def]
+    async def burst() -> list[str]:
+        async with AsyncClient(server.target) as c:
+            return await asyncio.gather(*(c.store(t, t) for t in TOPICS))
+
+    ids = asyncio.run(burst())
+    assert len(set(ids)) == len(TOPICS)
+    assert server.engine.warm.commits < len(TOPICS)  # group commit: fewer fsyncs than stores
+    server.stop()
+    assert len(WarmTier(server.settings.data_dir / "warm", 384, max_bytes=1 << 30)) == len(TOPICS)

@@ -77,6 +77,8 @@ SERVE_FLAGS = (
           "most texts waiting to be embedded; beyond it calls get RESOURCE_EXHAUSTED"),
     _Flag("sweep_interval_s", float, config.DEFAULT_SWEEP_INTERVAL_S,
           "seconds between sweeps that free expired entries (expired ones are never served)"),
+    _Flag("max_concurrent_rpcs", int, config.DEFAULT_MAX_CONCURRENT_RPCS,
+          "calls in flight at once; beyond it calls get RESOURCE_EXHAUSTED"),
     _Flag("shutdown_grace_s", float, config.DEFAULT_SHUTDOWN_GRACE_S,
           "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     _Flag("api_key", str, None,

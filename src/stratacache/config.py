@@ -56,6 +56,8 @@ DEFAULT_SWEEP_INTERVAL_S = 30.0
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
 #: Largest gRPC message the server accepts, bytes (responses are limited to 4 MiB each).
 DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
+#: Calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED at once.
+DEFAULT_MAX_CONCURRENT_RPCS = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +82,7 @@ class Settings:
     sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     api_key: str | None = None
 
     def __post_init__(self) -> None:
@@ -89,7 +92,7 @@ class Settings:
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
         for name in ("hot_capacity", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                     "embed_max_batch", "embed_max_queue"):
+                     "embed_max_batch", "embed_max_queue", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warm_max_bytes < 1 << 20:

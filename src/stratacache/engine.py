@@ -152,8 +152,13 @@ class Engine:
             entry = await self._fetch(found.entry_id, tier)
             if entry is None or entry.expired(now):  # removed or expired since the search
                 continue
+            # Re-score against the entry itself: what is served provably meets the threshold,
+            # whatever an index did concurrently.
+            similarity = float(np.dot(entry.vector, vector))
+            if similarity < threshold:
+                continue
             self._promote(entry, tier)
-            return self._respond_hit(entry, tier, found.similarity, now, started)
+            return self._respond_hit(entry, tier, similarity, now, started)
 
         self.metrics.misses += 1
         elapsed = time.perf_counter() - started
@@ -197,7 +202,7 @@ class Engine:
         if tier is Tier.HOT:
             return self.hot.search(partition, vector, SEARCH_K, now)
         if tier is Tier.WARM:
-            return self.warm.search(partition, vector, SEARCH_K, now)
+            return await self.warm.search(partition, vector, SEARCH_K, now)
         return await self.cold.search(partition, vector, SEARCH_K, now)
 
     async def _fetch(self, entry_id: str, tier: Tier) -> Entry | None:
@@ -208,7 +213,9 @@ class Engine:
         return await self.cold.get(entry_id)
 
     def _promote(self, entry: Entry, tier: Tier) -> None:
-        if tier is Tier.WARM:
+        if tier is Tier.HOT:
+            self.warm.touch(entry.id)  # keep warm's recency honest, or it demotes popular entries
+        elif tier is Tier.WARM:
             self.metrics.promotions[Tier.WARM] += 1
             self._hold_hot(entry)
         elif tier is Tier.COLD:

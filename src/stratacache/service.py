@@ -175,7 +175,8 @@ class CacheServer:
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(interceptors=interceptors, options=options)
+        self._server = grpc.aio.server(interceptors=interceptors, options=options,
+                                       maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         pb_grpc.add_SemanticCacheServicer_to_server(SemanticCacheServicer(engine), self._server)
         pb_grpc.add_CacheAdminServicer_to_server(CacheAdminServicer(engine), self._server)
         self._health = health.aio.HealthServicer()

@@ -6,6 +6,8 @@ search: the hot tier's small partitions and the warm tier's in-memory copy of it
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 
 from .. import _core
@@ -63,7 +65,19 @@ class VectorMatrix:
 
     def search(self, query: np.ndarray, k: int) -> list[Candidate]:
         """The ``k`` rows most similar to ``query`` (cosine, best first)."""
-        if not self._ids:
-            return []
-        idx, scores = _core.topk_ip(query, self._data[:len(self._ids)], k)
-        return [Candidate(self._ids[i], float(s)) for i, s in zip(idx[0], scores[0])]
+        return _top_k(self._ids, self._data[:len(self._ids)], query, k)
+
+    async def search_off_loop(self, query: np.ndarray, k: int) -> list[Candidate]:
+        """As :meth:`search`, with the scan on a worker thread (the kernel releases the GIL) so
+        a large matrix does not stall the event loop. The scan sees a snapshot of the ids; rows
+        changed meanwhile can make a candidate's score stale, so callers re-score what they
+        serve (the engine does)."""
+        ids = list(self._ids)
+        return await asyncio.to_thread(_top_k, ids, self._data[:len(ids)], query, k)
+
+
+def _top_k(ids: list[str], vectors: np.ndarray, query: np.ndarray, k: int) -> list[Candidate]:
+    if not ids:
+        return []
+    idx, scores = _core.topk_ip(query, vectors, k)
+    return [Candidate(ids[i], float(s)) for i, s in zip(idx[0], scores[0])]

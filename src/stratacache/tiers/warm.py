@@ -35,6 +35,9 @@ _PAGE = 4096
 _MIN_MAP_BYTES = 64 << 20
 #: After a demotion the tier holds at most this share of its budget (hysteresis).
 LOW_WATERMARK = 0.9
+#: Partitions with at least this many entries are scanned on a worker thread (about 1.5 ms of
+#: scan at 384 dimensions), smaller ones inline: a thread hop costs more than a small scan.
+OFF_LOOP_ROWS = 8192
 
 
 def _stored_size(key_len: int, value_len: int) -> int:
@@ -60,6 +63,9 @@ class WarmTier:
                               metasync=True, readahead=False)
         self._db = self._env.open_db(b"entries")
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-writer")
+        self._pending: list[tuple[list[tuple[bytes, bytes]], list[bytes], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.commits = 0  # transactions committed (concurrent writes share them)
         self._infos: dict[str, EntryInfo] = {}
         self._recency: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._exact: dict[bytes, str] = {}
@@ -109,13 +115,25 @@ class WarmTier:
             self._recency.move_to_end(entry_id)
         return entry
 
-    def search(self, partition: bytes, query: np.ndarray, k: int, now: float) -> list[Candidate]:
-        """Exact top-``k`` of the partition, expired entries left out."""
+    async def search(self, partition: bytes, query: np.ndarray, k: int,
+                     now: float) -> list[Candidate]:
+        """Exact top-``k`` of the partition, expired entries left out. Large partitions are
+        scanned off the event loop (see ``VectorMatrix.search_off_loop``)."""
         matrix = self._partitions.get(partition)
         if matrix is None:
             return []
-        found = matrix.search(query, k + 8)  # room for a few expired entries
-        return [c for c in found if not _expired(self._infos[c.entry_id], now)][:k]
+        want = k + 8  # room for a few expired entries
+        if len(matrix) < OFF_LOOP_ROWS:
+            found = matrix.search(query, want)
+        else:
+            found = await matrix.search_off_loop(query, want)
+        return [c for c in found
+                if c.entry_id in self._infos and not _expired(self._infos[c.entry_id], now)][:k]
+
+    def touch(self, entry_id: str) -> None:
+        """Marks an entry as just used (it was served from the hot tier)."""
+        if entry_id in self._recency:
+            self._recency.move_to_end(entry_id)
 
     def vector(self, entry_id: str) -> np.ndarray:
         info = self._infos[entry_id]
@@ -144,31 +162,58 @@ class WarmTier:
         """Writes ``entries`` durably (and deletes ``replacing`` in the same transaction).
 
         Raises:
-            StorageFull: LMDB's map is full even after the tier's own demotions.
+            StorageFull: LMDB's map is full (nothing of this call was written).
         """
         gone = [i for i in replacing if i in self._infos]
         encoded = [(e.id.encode(), encode(e)) for e in entries]
-        loop = asyncio.get_running_loop()
         # Replaced entries stay visible until the new ones are durable: a failed write loses
         # nothing.
-        await loop.run_in_executor(self._writer, self._write, encoded, [g.encode() for g in gone])
+        await self._commit(encoded, [g.encode() for g in gone])
         for entry_id in gone:
             if entry_id in self._infos:
                 self._unindex(entry_id)
         for entry, (key, value) in zip(entries, encoded):
             self._index(entry, _stored_size(len(key), len(value)))
 
-    def _write(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> None:
+    async def _commit(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> None:
+        """Applies deletes then puts durably. Group commit: writes that arrive while a
+        transaction is being committed share the next one, so concurrent Stores share an fsync
+        (about 7 ms each on this project's machines) instead of queueing for one each."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._pending.append((puts, deletes, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await loop.run_in_executor(self._writer, self._write, batch)
+            except Exception as exc:  # the whole transaction was rolled back
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                self.commits += 1
+                for _, _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    def _write(self, batch: list[tuple[list[tuple[bytes, bytes]], list[bytes], object]]) -> None:
         try:
             with self._env.begin(db=self._db, write=True) as txn:
-                for key in deletes:
-                    txn.delete(key)
-                for key, value in puts:
-                    txn.put(key, value)
+                for puts, deletes, _ in batch:
+                    for key in deletes:
+                        txn.delete(key)
+                    for key, value in puts:
+                        txn.put(key, value)
         except lmdb.MapFullError:
             raise StorageFull(
                 f"warm tier's LMDB map ({self._map_size >> 20} MiB) is full: raise "
-                "--warm-max-bytes, or free disk space and restart") from None
+                "--warm-max-mib, or free disk space and restart") from None
 
     async def remove(self, ids: Iterable[str]) -> list[str]:
         """Removes entries; returns the ids that were here."""
@@ -177,8 +222,7 @@ class WarmTier:
             return []
         for entry_id in gone:
             self._unindex(entry_id)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer, self._write, [], [g.encode() for g in gone])
+        await self._commit([], [g.encode() for g in gone])
         return gone
 
     def read_many(self, ids: Sequence[str]) -> list[Entry]:

@@ -1,0 +1,116 @@
+"""What the benchmark scripts share: a real server in a subprocess, the shared QQP data, the
+machine description, percentiles and output."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "qqp_pairs_dev.jsonl.gz"
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def machine() -> dict[str, object]:
+    """Where the figures were measured."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from stratacache import _core
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "simd_isa": _core.simd_isa()}
+
+
+def load_pairs(path: Path, limit: int | None = None) -> list[dict]:
+    pairs = []
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            pairs.append(json.loads(line))
+            if limit is not None and len(pairs) >= limit:
+                break
+    return pairs
+
+
+def distinct_texts(pairs: Sequence[dict]) -> list[str]:
+    seen: dict[str, None] = {}
+    for p in pairs:
+        seen.setdefault(p["a"], None)
+        seen.setdefault(p["b"], None)
+    return list(seen)
+
+
+@dataclass(frozen=True)
+class ServerProcess:
+    target: str
+    start_s: float  # process start until the ready line
+    data_dir: Path
+
+
+@contextmanager
+def serve(*flags: str, data_dir: Path | None = None) -> Iterator[ServerProcess]:
+    """Runs ``stratacache serve`` on a free loopback port (temporary data directory unless one
+    is given) and stops it with SIGTERM afterwards."""
+    with tempfile.TemporaryDirectory(prefix="stratacache-bench-") as tmp:
+        directory = data_dir or Path(tmp) / "data"
+        command = [sys.executable, "-m", "stratacache.cli", "serve", "--port", "0",
+                   "--data-dir", str(directory), "--log-level", "info", *flags]
+        started = time.perf_counter()
+        with subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+            assert process.stderr is not None
+            try:
+                port = None
+                for line in process.stderr:
+                    match = re.search(r"stratacache ready on [\d.]+:(\d+)", line)
+                    if match:
+                        port = int(match.group(1))
+                        break
+                if port is None:
+                    raise RuntimeError("the server exited before it was ready")
+                yield ServerProcess(f"127.0.0.1:{port}", time.perf_counter() - started, directory)
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.communicate(timeout=60)
+
+
+def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:
+    if not seconds:
+        return {"n": 0}
+    p50, p90, p99 = np.percentile(np.asarray(seconds) * 1000, [50, 90, 99])
+    return {"n": len(seconds), "p50_ms": round(float(p50), 3), "p90_ms": round(float(p90), 3),
+            "p99_ms": round(float(p99), 3)}
+
+
+def write_json(name: str, payload: dict, out: Path | None = None) -> Path:
+    path = out or RESULTS / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2))
+    return path
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,120 @@
+"""Latency of each kind of Lookup, through a real server and the public client.
+
+Starts ``stratacache serve`` on a temporary data directory with a small hot tier and warm budget,
+stores QQP questions so that the oldest sit in cold, the middle ones in warm and the newest in
+hot, then times (client round trip and the server's own ``server_time_us``) for N calls each:
+
+- exact hit   a stored prompt, resent verbatim (no embedding);
+- hot hit     a reworded prompt whose entry is in memory;
+- warm hit    a reworded prompt whose entry is only on disk in LMDB (each hit promotes it);
+- cold hit    a reworded prompt whose entry is only in SQLite (each hit moves it up);
+- miss        a question that was never stored.
+
+Every call's tier is checked; calls served from another tier than intended are not counted.
+Also reports the server's start time. Prints a table and writes JSON.
+
+    python -m benchmarks.latency [--calls 300] [--entries 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm import tqdm
+
+from stratacache import Client, LookupResult
+
+from ._common import (DEFAULT_DATA, distinct_texts, load_pairs, machine, percentiles_ms, serve,
+                      table, write_json)
+
+SUFFIX = " Please answer briefly."  # rewording that keeps the meaning (cosine ~0.95)
+RESPONSE = b"r" * 512
+
+
+def _measure(client: Client, prompts: list[str], tier: str, min_similarity: float | None,
+             label: str) -> dict[str, object]:
+    round_trip, server, other = [], [], 0
+    for prompt in tqdm(prompts, desc=label, unit="call", leave=False):
+        started = time.perf_counter()
+        result: LookupResult = client.lookup(prompt, min_similarity=min_similarity)
+        elapsed = time.perf_counter() - started
+        if (result.tier or "miss") != tier:
+            other += 1
+            continue
+        round_trip.append(elapsed)
+        server.append(result.server_time_us / 1e6)
+    return {"round_trip": percentiles_ms(round_trip), "server": percentiles_ms(server),
+            "other_tier": other}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="QQP pairs file")
+    parser.add_argument("--entries", type=int, default=3000, help="questions stored")
+    parser.add_argument("--calls", type=int, default=300, help="lookups timed per kind")
+    parser.add_argument("--hot-capacity", type=int, default=200)
+    parser.add_argument("--warm-max-mib", type=float, default=6,
+                        help="warm budget; about 4 KiB per entry, the rest goes cold")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path")
+    args = parser.parse_args(argv)
+
+    texts = distinct_texts(load_pairs(args.data, limit=4 * (args.entries + args.calls)))
+    stored, unseen = texts[:args.entries], texts[args.entries:args.entries + args.calls]
+    if len(stored) < args.entries or len(unseen) < args.calls:
+        parser.error("not enough distinct questions in --data for --entries and --calls")
+
+    flags = ["--hot-capacity", str(args.hot_capacity), "--warm-max-mib", str(args.warm_max_mib)]
+    with serve(*flags) as server, Client(server.target, timeout=30) as client:
+        started = time.perf_counter()
+        for text in tqdm(stored, desc="store", unit="entry"):
+            client.store(text, RESPONSE)
+        store_s = time.perf_counter() - started
+        time.sleep(1)  # let the warm-to-cold demotion settle
+        stats = client.stats()
+        n_cold, n_warm = stats["cold"]["entries"], stats["warm"]["entries"]
+        # Stores are in order, and demotion takes the least recently used: the oldest are cold,
+        # the newest hot. Keep clear of the borders.
+        calls = args.calls
+        hot = stored[-min(calls, args.hot_capacity // 2):]
+        warm = stored[n_cold + 50: n_cold + 50 + calls]
+        warm = [t for t in warm if t not in set(stored[-args.hot_capacity:])]
+        cold = stored[: min(calls, max(0, n_cold - 50))]
+        kinds: list[tuple[str, list[str], str, float | None]] = [
+            ("exact hit", stored[-calls:], "exact", None),
+            ("hot hit", [t + SUFFIX for t in hot] * max(1, calls // max(1, len(hot))), "hot", 0.8),
+            ("warm hit", [t + SUFFIX for t in warm], "warm", 0.8),
+            ("cold hit", [t + SUFFIX for t in cold], "cold", 0.8),
+            ("miss", unseen, "miss", None),
+        ]
+        results: dict[str, dict[str, object]] = {}
+        for label, prompts, tier, min_similarity in kinds:
+            results[label] = _measure(client, prompts, tier, min_similarity, label)
+        final_stats = client.stats()
+
+    rows = []
+    for label, r in results.items():
+        rt, sv = r["round_trip"], r["server"]
+        rows.append([label, rt.get("n", 0), rt.get("p50_ms", "-"), rt.get("p99_ms", "-"),
+                     sv.get("p50_ms", "-"), sv.get("p99_ms", "-"), r["other_tier"]])
+    info = machine()
+    print(f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['simd_isa']}; "
+          f"server start {server.start_s:.2f} s; {args.entries} entries "
+          f"(warm {n_warm}, cold {n_cold} after filling), stored at "
+          f"{args.entries / store_s:.0f}/s sequentially")
+    print(table(rows, ["lookup", "n", "client p50 ms", "client p99 ms", "server p50 ms",
+                       "server p99 ms", "other tier"]))
+    path = write_json("latency", {
+        "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+        "server_start_s": server.start_s, "store_per_s": args.entries / store_s,
+        "placement_after_fill": {"warm": n_warm, "cold": n_cold},
+        "results": results, "server_stages": final_stats["stages"]}, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,463 @@
+"""Sweep the cosine-similarity threshold on labelled QQP pairs and choose the server's default.
+
+What it measures, following the two protocols defined in ``shared/data/README.md``:
+
+* **pair** (what papers report): for each pair, a cache holding only ``a`` is asked for ``b``;
+  the pair is *served* when ``cos(a, b) >= t``. Reported per threshold ``t``: precision
+  (duplicates served / served), recall (duplicates served / duplicates), hit rate
+  (served / pairs) and wrong-hit rate (non-duplicates served / pairs).
+
+* **crowded** (what a real cache faces): every distinct ``a`` is stored; every pair's ``b`` is
+  looked up against all of them (exact top-1 by inner product with the native kernel
+  ``stratacache._core.topk_ip``). A hit is judged by the labelled duplicate clusters (the union
+  of every duplicate label in the data): *correct* when the served text is in ``b``'s cluster,
+  *wrong* when the served text and ``b`` are labelled non-duplicates somewhere, *unlabelled*
+  otherwise. Reported: labelled precision correct / (correct + wrong), strict precision
+  correct / hits, recall (correct hits on duplicate pairs / duplicate pairs), hit rate and
+  wrong-hit rate (wrong hits / lookups).
+
+  When ``b``'s exact text is itself a stored ``a``, the lookup is served that entry exactly,
+  as the server's exact tier would (similarity 1.0, a hit at every threshold); ``b``'s own text
+  is in ``b``'s cluster, so the hit counts as correct. The number of such lookups is reported.
+
+Every proportion comes with a 95 % Wilson score interval. The default threshold is the lowest
+swept threshold whose pair-protocol precision has a Wilson lower bound >= ``--target-precision``
+(a wrong answer costs more than a miss, so the bound, not the point estimate, must reach it).
+
+Every distinct text is embedded once (batches of 64, sorted by length so that batches pad
+little; the vectors are unit-normalised float32, so an inner product is the cosine).
+
+Run from the repository root::
+
+    python -m benchmarks.threshold_sweep            # all pairs, writes benchmarks/results/
+    python -m benchmarks.threshold_sweep --limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = (REPO_ROOT.parent / "shared" / "data" / "qqp_pairs_dev.jsonl.gz").resolve()
+DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "threshold_sweep.json"
+DEFAULT_THRESHOLDS = "0.70:0.99:0.01"
+DEFAULT_TARGET_PRECISION = 0.85
+EMBED_BATCH = 64
+SEARCH_CHUNK = 256
+Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
+
+SELECTION_RULE = (
+    "the lowest swept threshold t whose pair-protocol precision (pairs served with "
+    "cos(a, b) >= t that are labelled duplicates / pairs served) has a 95% Wilson score "
+    "lower bound >= the target precision")
+EXACT_TEXT_NOTE = (
+    "crowded protocol: when a lookup's b text is itself a stored a, it is served that entry "
+    "exactly (as the server's exact tier would: similarity 1.0, a hit at every threshold) and "
+    "counted as correct, since b's own text is in b's duplicate cluster")
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: str
+    b: str
+    duplicate: bool
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def parse_thresholds(spec: str) -> list[float]:
+    """``START:STOP:STEP`` (STOP included) or a comma-separated list, e.g. ``0.8,0.9``."""
+    try:
+        if ":" in spec:
+            start, stop, step = (float(x) for x in spec.split(":"))
+            if step <= 0 or stop < start:
+                raise ValueError
+            count = int(math.floor((stop - start) / step + 1e-9)) + 1
+            values = [round(start + i * step, 6) for i in range(count)]
+        else:
+            values = sorted({round(float(x), 6) for x in spec.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad --thresholds {spec!r}: give START:STOP:STEP (e.g. 0.70:0.99:0.01) or a "
+            "comma-separated list (e.g. 0.8,0.9,0.95)") from None
+    if not values or not all(-1.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"bad --thresholds {spec!r}: cosines lie in [-1, 1]")
+    return values
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.threshold_sweep",
+        description="Sweep the cosine-similarity threshold on labelled QQP pairs (pair and "
+                    "crowded protocols) and choose the server's default threshold.")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="gzipped JSONL of {a, b, duplicate} pairs (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use the first N pairs after a seeded shuffle (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed (default: 0)")
+    parser.add_argument("--model", default="default",
+                        help="sentence-transformers model folder, or 'default' "
+                             "(all-MiniLM-L6-v2) (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help="JSON results file; its folder is created (default: %(default)s)")
+    parser.add_argument("--thresholds", type=parse_thresholds, default=DEFAULT_THRESHOLDS,
+                        help="START:STOP:STEP (STOP included) or comma list "
+                             "(default: %(default)s)")
+    parser.add_argument("--target-precision", type=float, default=DEFAULT_TARGET_PRECISION,
+                        help="pair precision whose 95%% Wilson lower bound the chosen "
+                             "threshold must reach (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        parser.error("--limit must be >= 1")
+    if not 0.0 < args.target_precision <= 1.0:
+        parser.error("--target-precision must be in (0, 1]")
+    return args
+
+
+def load_pairs(path: Path, limit: int | None, seed: int) -> tuple[list[Pair], int]:
+    """The pairs to use (the first ``limit`` after a shuffle seeded by ``seed``), and how many
+    the file holds."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        pairs = [Pair(row["a"], row["b"], bool(row["duplicate"]))
+                 for row in map(json.loads, f) if row]
+    total = len(pairs)
+    random.Random(seed).shuffle(pairs)
+    return (pairs[:limit] if limit is not None else pairs), total
+
+
+def machine_info() -> dict[str, object]:
+    cpu_model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "cpus_usable": usable}
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding
+
+
+def embed_texts(encoder: object, texts: list[str]) -> np.ndarray:
+    """Unit-normalised float32 vectors for ``texts`` (rows in the same order), embedded in
+    batches of ``EMBED_BATCH`` taken in order of text length."""
+    from tqdm import tqdm
+
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    vectors = np.empty((len(texts), encoder.dimension), dtype=np.float32)
+    with tqdm(total=len(texts), unit="text", desc="embedding", file=sys.stderr) as bar:
+        for start in range(0, len(order), EMBED_BATCH):
+            batch = order[start:start + EMBED_BATCH]
+            vectors[batch] = encoder.encode([texts[i] for i in batch])
+            bar.update(len(batch))
+    return vectors
+
+
+# ---------------------------------------------------------------------------------------------
+# statistics
+
+
+def wilson(successes: int, n: int, z: float = Z_95) -> dict[str, object]:
+    """A proportion with its Wilson score interval; value and bounds are None when n == 0."""
+    if n == 0:
+        return {"k": successes, "n": n, "value": None, "low": None, "high": None}
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return {"k": successes, "n": n, "value": p,
+            "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
+
+
+# ---------------------------------------------------------------------------------------------
+# pair protocol
+
+
+def pair_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int],
+                  thresholds: list[float]) -> list[dict[str, object]]:
+    """Per threshold: a cache holding only ``a`` is asked for ``b``; served when cos >= t."""
+    va = vectors[[row[p.a] for p in pairs]]
+    vb = vectors[[row[p.b] for p in pairs]]
+    cosine = np.einsum("ij,ij->i", va, vb).astype(np.float64)
+    duplicate = np.array([p.duplicate for p in pairs], dtype=bool)
+    n, n_dup = len(pairs), int(duplicate.sum())
+    results = []
+    for t in thresholds:
+        served = cosine >= t
+        n_served = int(served.sum())
+        right = int((served & duplicate).sum())
+        wrong = n_served - right
+        results.append({
+            "threshold": t, "served": n_served, "served_duplicate": right,
+            "served_non_duplicate": wrong,
+            "precision": wilson(right, n_served), "recall": wilson(right, n_dup),
+            "hit_rate": wilson(n_served, n), "wrong_hit_rate": wilson(wrong, n)})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# crowded protocol
+
+
+def duplicate_clusters(pairs: list[Pair]) -> dict[str, str]:
+    """Each text that occurs in a duplicate pair -> its cluster's representative (union-find
+    over every duplicate label). A text absent from the map is alone in its cluster."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        parent.setdefault(x, x)
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:
+            parent[x], x = root, parent[x]
+        return root
+
+    for p in pairs:
+        if p.duplicate:
+            ra, rb = find(p.a), find(p.b)
+            if ra != rb:
+                parent[ra] = rb
+    return {text: find(text) for text in parent}
+
+
+def judge(served: str, query: str, cluster: dict[str, str],
+          non_duplicates: set[frozenset[str]]) -> str:
+    """``correct``, ``wrong`` or ``unlabelled``, by the README's rules, in that order."""
+    if cluster.get(served, served) == cluster.get(query, query):
+        return "correct"
+    if frozenset((served, query)) in non_duplicates:
+        return "wrong"
+    return "unlabelled"
+
+
+def top1_search(queries: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-1 row of ``matrix`` by inner product for each query, in chunks."""
+    from stratacache import _core
+
+    rows = np.empty(len(queries), dtype=np.int64)
+    scores = np.empty(len(queries), dtype=np.float32)
+    for start in range(0, len(queries), SEARCH_CHUNK):
+        chunk = np.ascontiguousarray(queries[start:start + SEARCH_CHUNK])
+        idx, sc = _core.topk_ip(chunk, matrix, 1)
+        rows[start:start + len(chunk)] = idx[:, 0]
+        scores[start:start + len(chunk)] = sc[:, 0]
+    return rows, scores
+
+
+def crowded_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int],
+                     thresholds: list[float]) -> tuple[dict[str, object], list[dict[str, object]]]:
+    """Store every distinct ``a``; look up every pair's ``b`` (top-1, exact); judge by clusters.
+
+    Returns a summary (counts that do not depend on the threshold) and per-threshold rows.
+    """
+    stored = list(dict.fromkeys(p.a for p in pairs))
+    stored_set = set(stored)
+    matrix = np.ascontiguousarray(vectors[[row[t] for t in stored]])
+    queries = list(dict.fromkeys(p.b for p in pairs))
+    found_rows, found_scores = top1_search(vectors[[row[q] for q in queries]], matrix)
+
+    cluster = duplicate_clusters(pairs)
+    non_duplicates = {frozenset((p.a, p.b)) for p in pairs if not p.duplicate}
+    contradictions = sum(1 for p in pairs if not p.duplicate
+                         and cluster.get(p.a, p.a) == cluster.get(p.b, p.b))
+
+    # one decision per distinct b; a lookup per pair
+    decision: dict[str, tuple[str, float]] = {}
+    semantic_would_differ = 0
+    for q, r, s in zip(queries, found_rows, found_scores):
+        if q in stored_set:  # exact tier: b's own text is stored
+            decision[q] = (q, 1.0)
+            semantic_would_differ += stored[r] != q
+        else:
+            decision[q] = (stored[r], float(s))
+    n = len(pairs)
+    score = np.empty(n, dtype=np.float64)
+    verdict = np.empty(n, dtype=object)
+    exact = np.zeros(n, dtype=bool)
+    for i, p in enumerate(pairs):
+        served, score[i] = decision[p.b]
+        verdict[i] = judge(served, p.b, cluster, non_duplicates)
+        exact[i] = p.b in stored_set
+    correct, wrong = verdict == "correct", verdict == "wrong"
+    duplicate = np.array([p.duplicate for p in pairs], dtype=bool)
+    n_dup = int(duplicate.sum())
+
+    results = []
+    for t in thresholds:
+        hit = score >= t
+        hits, c, w = int(hit.sum()), int((hit & correct).sum()), int((hit & wrong).sum())
+        plain = hit & ~exact  # the same counts leaving out the exact-text lookups
+        pc, pw = int((plain & correct).sum()), int((plain & wrong).sum())
+        results.append({
+            "threshold": t, "hits": hits, "correct": c, "wrong": w,
+            "unlabelled": hits - c - w,
+            "labelled_precision": wilson(c, c + w), "strict_precision": wilson(c, hits),
+            "recall": wilson(int((hit & correct & duplicate).sum()), n_dup),
+            "hit_rate": wilson(hits, n), "wrong_hit_rate": wilson(w, n),
+            "without_exact_text_lookups": {
+                "labelled_precision": wilson(pc, pc + pw),
+                "strict_precision": wilson(pc, int(plain.sum()))}})
+    summary = {
+        "stored_entries": len(stored), "lookups": n, "distinct_lookup_texts": len(queries),
+        "duplicate_pairs": n_dup, "clustered_texts": len(cluster),
+        "clusters_with_2_or_more_texts": len(set(cluster.values())),
+        "non_duplicate_pairs_inside_one_cluster": contradictions,
+        "exact_text_lookups": int(exact.sum()),
+        "exact_text_lookups_where_top1_search_served_another_text": int(semantic_would_differ),
+        "exact_text_handling": EXACT_TEXT_NOTE,
+        "verdicts_of_top1_regardless_of_threshold": {
+            v: int((verdict == v).sum()) for v in ("correct", "wrong", "unlabelled")},
+        "label_source": "duplicate clusters and non-duplicate labels from the pairs used",
+    }
+    return summary, results
+
+
+# ---------------------------------------------------------------------------------------------
+# choice and report
+
+
+def choose_threshold(pair_rows: list[dict[str, object]], target: float) -> float | None:
+    for r in pair_rows:  # thresholds ascend
+        low = r["precision"]["low"]
+        if low is not None and low >= target:
+            return r["threshold"]
+    return None
+
+
+def format_table(pair_rows: list[dict[str, object]], crowded_rows: list[dict[str, object]],
+                 chosen: float | None) -> str:
+    def pct(w: dict[str, object]) -> str:
+        return "  -  " if w["value"] is None else f"{w['value']:.3f}"
+
+    def ci(w: dict[str, object]) -> str:
+        return "[  -  ,  -  ]" if w["value"] is None else f"[{w['low']:.3f},{w['high']:.3f}]"
+
+    header = (f"{'t':>5}  {'pair P':>5} {'95% CI':<13}  {'pair R':>6}  {'crowd P lab':>11}  "
+              f"{'strict P':>8}  {'crowd R':>7}  {'wrong-hit':>9}  {'(CI)':<13}")
+    lines = [header, "-" * len(header)]
+    for p, c in zip(pair_rows, crowded_rows):
+        mark = "  <- chosen" if p["threshold"] == chosen else ""
+        lines.append(
+            f"{p['threshold']:>5.2f}  {pct(p['precision']):>6} {ci(p['precision'])}  "
+            f"{pct(p['recall']):>6}  {pct(c['labelled_precision']):>11}  "
+            f"{pct(c['strict_precision']):>8}  {pct(c['recall']):>7}  "
+            f"{pct(c['wrong_hit_rate']):>9}  {ci(c['wrong_hit_rate'])}{mark}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+
+    t0 = time.perf_counter()
+    pairs, total_in_file = load_pairs(args.data, args.limit, args.seed)
+    texts = list(dict.fromkeys(t for p in pairs for t in (p.a, p.b)))
+    row = {t: i for i, t in enumerate(texts)}
+    timings["load_data"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    from stratacache import _core
+    from stratacache.embed import Encoder
+
+    encoder = Encoder(args.model, device="auto")
+    timings["load_model"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    vectors = embed_texts(encoder, texts)
+    timings["embed"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pair_rows = pair_protocol(pairs, vectors, row, args.thresholds)
+    timings["pair_protocol"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    crowded_summary, crowded_rows = crowded_protocol(pairs, vectors, row, args.thresholds)
+    timings["crowded_protocol"] = time.perf_counter() - t0
+
+    chosen = choose_threshold(pair_rows, args.target_precision)
+    timings["total"] = time.perf_counter() - started
+
+    import torch
+
+    machine = machine_info() | {"device": encoder.device, "torch_threads": torch.get_num_threads(),
+                                "kernel_simd": _core.simd_isa()}
+    n_dup = sum(p.duplicate for p in pairs)
+    report = {
+        "measures": "cosine-threshold sweep of a semantic cache on labelled QQP pairs: "
+                    "pair and crowded protocols as defined in shared/data/README.md",
+        "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.threshold_sweep",
+                             *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine,
+        "model": {"requested": args.model, "name": encoder.identity.name,
+                  "dimension": encoder.identity.dimension,
+                  "fingerprint": encoder.identity.fingerprint},
+        "data": {"path": str(args.data.resolve()), "pairs_in_file": total_in_file,
+                 "pairs_used": len(pairs), "limit": args.limit, "seed": args.seed,
+                 "duplicate_pairs": n_dup, "non_duplicate_pairs": len(pairs) - n_dup,
+                 "distinct_texts_embedded": len(texts)},
+        "method": {"served_when": "cosine >= threshold (cosine = inner product of "
+                                  "unit-normalised float32 vectors, compared in float64)",
+                   "confidence_intervals": "95% Wilson score intervals (z = 1.95996)",
+                   "embed_batch": EMBED_BATCH, "search_chunk": SEARCH_CHUNK,
+                   "crowded_search": "exact top-1 by inner product (stratacache._core.topk_ip)",
+                   "exact_text_handling": EXACT_TEXT_NOTE},
+        "selection": {"rule": SELECTION_RULE, "target_precision": args.target_precision,
+                      "chosen_threshold": chosen},
+        "thresholds": args.thresholds,
+        "pair": pair_rows,
+        "crowded": {"summary": crowded_summary, "by_threshold": crowded_rows},
+        "elapsed_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"machine : {machine['platform']}; {machine['cpu_model']}; "
+          f"{machine['cpu_count']} cores ({machine['cpus_usable']} usable); "
+          f"device {machine['device']}; kernel {machine['kernel_simd']}")
+    print(f"model   : {encoder.identity.name} (dim {encoder.identity.dimension})")
+    print(f"data    : {args.data.resolve()}: {len(pairs)} of {total_in_file} pairs "
+          f"({n_dup} duplicates), {len(texts)} distinct texts, seed {args.seed}")
+    print(f"crowded : {crowded_summary['stored_entries']} stored a's, "
+          f"{crowded_summary['lookups']} lookups, {crowded_summary['exact_text_lookups']} of "
+          f"them with b's exact text stored (served exactly, counted correct)")
+    print()
+    print(format_table(pair_rows, crowded_rows, chosen))
+    print()
+    print("columns: pair precision [95% Wilson CI], pair recall; crowded labelled precision "
+          "correct/(correct+wrong), strict precision correct/hits, crowded recall, "
+          "crowded wrong-hit rate wrong/lookups [95% Wilson CI]")
+    print()
+    print(f"rule    : {SELECTION_RULE} (target {args.target_precision})")
+    print(f"chosen  : {chosen if chosen is not None else 'none of the swept thresholds'}")
+    print("elapsed : " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
+    print(f"written : {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+"""``stratacache serve`` as an operator runs it: --help, the ready line, SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stratacache import Client
+from stratacache.cli import SERVE_FLAGS, build_parser, settings_from_args
+
+
+def test_help_documents_every_flag_and_its_env_twin() -> None:
+    out = subprocess.run([sys.executable, "-m", "stratacache.cli", "serve", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    flat = re.sub(r"\s+", "", out)  # argparse wraps lines anywhere
+    for flag in SERVE_FLAGS:
+        assert flag.option in out and flag.env in flat, flag.option
+    assert "50551" in out and "./stratacache-data" in out
+
+
+def test_environment_twins_and_flags(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("STRATACACHE_PORT", "6000")
+    monkeypatch.setenv("STRATACACHE_WARM_MAX_MIB", "64")
+    monkeypatch.setenv("STRATACACHE_MIN_SIMILARITY", "0.9")
+    settings = settings_from_args(build_parser().parse_args(["serve", "--port", "7000"]))
+    assert settings.port == 7000  # the flag wins
+    assert settings.warm_max_bytes == 64 << 20 and settings.min_similarity == 0.9
+
+
+def test_bad_flag_value_is_a_clear_error() -> None:
+    done = subprocess.run([sys.executable, "-m", "stratacache.cli", "serve",
+                           "--min-similarity", "2"], capture_output=True, text=True)
+    assert done.returncode == 2 and "min_similarity must be in [0, 1]" in done.stderr
+
+
+def test_serve_starts_answers_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    command = [sys.executable, "-m", "stratacache.cli", "serve", "--port", "0",
+               "--data-dir", str(data), "--device", "cpu"]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
+        try:
+            assert process.stderr is not None
+            port = _wait_until_ready(process.stderr)
+            with Client(f"127.0.0.1:{port}") as c:
+                entry_id = c.store("How do I learn Python quickly?", "practice daily")
+                assert c.lookup("How do I learn Python quickly?").entry_id == entry_id
+            process.send_signal(signal.SIGTERM)
+            rest = process.stderr.read()
+            assert process.wait(60) == 0
+            assert "stopped cleanly" in rest
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert (data / "stratacache.json").exists() and (data / "warm" / "data.mdb").exists()
+
+
+def _wait_until_ready(stderr, timeout: float = 120.0) -> int:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = stderr.readline()
+        assert line, "server exited before it was ready"
+        match = re.search(r"stratacache ready on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return int(match.group(1))
+    raise AssertionError("no ready line")
+
+
+def test_readme_documents_every_flag() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for flag in SERVE_FLAGS:
+        assert f"| `{flag.option}` | `{flag.env}` |" in readme, flag.option

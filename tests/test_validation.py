@@ -1,0 +1,65 @@
+"""Bad input gets INVALID_ARGUMENT with a message a person can act on, and changes nothing."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from stratacache import Client, InvalidArgumentError, UnauthenticatedError
+from stratacache.validation import MAX_PROMPT_BYTES, MAX_RESPONSE_BYTES
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda c: c.store("", "x"), "prompt is empty"),
+    (lambda c: c.store(" \n\t ", "x"), "prompt is empty"),
+    (lambda c: c.lookup(""), "prompt is empty"),
+    (lambda c: c.store("x" * (MAX_PROMPT_BYTES + 1), "x"), f"at most {MAX_PROMPT_BYTES} bytes"),
+    (lambda c: c.store("q", b"r" * (MAX_RESPONSE_BYTES + 1)), "response is 4194305 bytes"),
+    (lambda c: c.store("q", "r", namespace="bad namespace!"), "namespace 'bad namespace!' is malformed"),
+    (lambda c: c.lookup("q", namespace="-leading-dash"), "starting with a letter or digit"),
+    (lambda c: c.lookup("q", namespace="n" * 129), "1 to 128 characters"),
+    (lambda c: c.store("q", "r", scope={"system": "s" * 20000}), "pass a digest of long values"),
+    (lambda c: c.lookup("q", scope={f"k{i}": "v" for i in range(65)}), "scope has 65 keys"),
+    (lambda c: c.store("q", "r", scope={"": "v"}), "scope key '' must be 1 to 128 bytes"),
+    (lambda c: c.store("q", "r", template_version="v2"), "template_version is set but template_id is not"),
+    (lambda c: c.lookup("q", template_version="v2"), "give both or neither"),
+    (lambda c: c.lookup("q", min_similarity=1.5), "min_similarity is 1.5"),
+    (lambda c: c.store("q", "r", ttl_s=-1), "ttl_s is -1"),
+    (lambda c: c.store("q", "r", ttl_s=float("nan")), "ttl_s is nan"),
+    (lambda c: c.store("q", "r", user_id="u" * 300), "user_id is 300 bytes"),
+    (lambda c: c.store("q", "r", metadata={"k": "v" * 20000}), "metadata['k'] is 20000 bytes"),
+    (lambda c: c.invalidate_template("", namespace="n"), "template_id is required"),
+    (lambda c: c.delete_user(""), "user_id is required"),
+    (lambda c: c.invalidate_namespace("a b"), "malformed"),
+])
+def test_bad_input_is_invalid_argument(client: Client, call, message: str) -> None:  # type: ignore[no-untyped-def]
+    kept = client.store("What is the capital of Italy?", "Rome")
+    with pytest.raises(InvalidArgumentError, match=message.replace("[", r"\[").replace("(", r"\(")) as info:
+        call(client)
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert isinstance(info.value.__cause__, grpc.RpcError)
+    stats = client.stats()
+    assert stats["stores"] == 1 and stats["warm"]["entries"] == 1
+    assert client.lookup("What is the capital of Italy?").entry_id == kept
+
+
+def test_api_key_is_required_when_configured(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(api_key="s3cret")
+    with server.client() as anonymous:
+        with pytest.raises(UnauthenticatedError, match="authorization: Bearer"):
+            anonymous.lookup("hello")
+        with pytest.raises(UnauthenticatedError):
+            anonymous.stats()
+    with server.client(api_key="wrong") as wrong:
+        with pytest.raises(UnauthenticatedError):
+            wrong.store("hello", "world")
+    with server.client(api_key="s3cret") as c:
+        c.store("hello there", "world")
+        assert c.lookup("hello there").hit
+    # Health checks stay open for load balancers.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="stratacache.v1.SemanticCache"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
