@@ -39,8 +39,6 @@ import argparse
 import gzip
 import json
 import math
-import os
-import platform
 import random
 import sys
 import time
@@ -50,9 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = (REPO_ROOT.parent / "shared" / "data" / "qqp_pairs_dev.jsonl.gz").resolve()
-DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results" / "threshold_sweep.json"
+from ._common import DEFAULT_DATA, RESULTS, machine
+
+DEFAULT_OUT = RESULTS / "threshold_sweep.json"
 DEFAULT_THRESHOLDS = "0.70:0.99:0.01"
 DEFAULT_TARGET_PRECISION = 0.85
 EMBED_BATCH = 64
@@ -138,23 +136,6 @@ def load_pairs(path: Path, limit: int | None, seed: int) -> tuple[list[Pair], in
     total = len(pairs)
     random.Random(seed).shuffle(pairs)
     return (pairs[:limit] if limit is not None else pairs), total
-
-
-def machine_info() -> dict[str, object]:
-    cpu_model = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu_model": cpu_model, "cpu_count": os.cpu_count(), "cpus_usable": usable}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,7 +362,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["load_data"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    from stratacache import _core
     from stratacache.embed import Encoder
 
     encoder = Encoder(args.model, device="auto")
@@ -404,15 +384,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    machine = machine_info() | {"device": encoder.device, "torch_threads": torch.get_num_threads(),
-                                "kernel_simd": _core.simd_isa()}
+    host = machine() | {"device": encoder.device, "torch_threads": torch.get_num_threads()}
     n_dup = sum(p.duplicate for p in pairs)
     report = {
         "measures": "cosine-threshold sweep of a semantic cache on labelled QQP pairs: "
                     "pair and crowded protocols as defined in shared/data/README.md",
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.threshold_sweep",
                              *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine,
+        "machine": host,
         "model": {"requested": args.model, "name": encoder.identity.name,
                   "dimension": encoder.identity.dimension,
                   "fingerprint": encoder.identity.fingerprint},
@@ -436,9 +415,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
-    print(f"machine : {machine['platform']}; {machine['cpu_model']}; "
-          f"{machine['cpu_count']} cores ({machine['cpus_usable']} usable); "
-          f"device {machine['device']}; kernel {machine['kernel_simd']}")
+    print(f"machine : {host['platform']}; {host['cpu']}; {host['cores']} cores; "
+          f"device {host['device']}; kernel {host['simd_isa']}")
     print(f"model   : {encoder.identity.name} (dim {encoder.identity.dimension})")
     print(f"data    : {args.data.resolve()}: {len(pairs)} of {total_in_file} pairs "
           f"({n_dup} duplicates), {len(texts)} distinct texts, seed {args.seed}")
