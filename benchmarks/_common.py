@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +114,42 @@ def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+@contextmanager
+def echo_server() -> Iterator[Callable[[bytes], bytes]]:
+    """A bare gRPC echo on loopback (sync server and client, as the benchmarks' client is): the
+    floor under any call to the cache. Yields a function that makes one call."""
+    import grpc
+    from concurrent import futures
+
+    def identity(x: bytes) -> bytes:
+        return x
+
+    handler = grpc.method_handlers_generic_handler("bench.Echo", {
+        "Echo": grpc.unary_unary_rpc_method_handler(lambda request, context: request,
+                                                    request_deserializer=identity,
+                                                    response_serializer=identity)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), handlers=[handler])
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    call = channel.unary_unary("/bench.Echo/Echo", request_serializer=identity,
+                               response_deserializer=identity)
+    try:
+        yield lambda payload: call(payload, timeout=10)
+    finally:
+        channel.close()
+        server.stop(0)
+
+
+def time_calls(fn: Callable[[], object], n: int) -> list[float]:
+    """Seconds each of ``n`` calls of ``fn`` took (after 10 warm-up calls)."""
+    for _ in range(10):
+        fn()
+    out = []
+    for _ in range(n):
+        started = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - started)
+    return out

@@ -11,7 +11,10 @@ hot, then times (client round trip and the server's own ``server_time_us``) for 
 - miss        a question that was never stored.
 
 Every call's tier is checked; calls served from another tier than intended are not counted.
-Also reports the server's start time. Prints a table and writes JSON.
+In the same run it times the floors: a bare gRPC echo on loopback and a bare embedding call
+(the same model, in this process, one text), and prints each figure's ratio to its floor
+(exact hit / echo; semantic / (embed + echo)). Also reports the server's start time. Prints a
+table and writes JSON.
 
     python -m benchmarks.latency [--calls 300] [--entries 3000]
 """
@@ -26,8 +29,8 @@ from tqdm import tqdm
 
 from stratacache import Client, LookupResult
 
-from ._common import (DEFAULT_DATA, distinct_texts, load_pairs, machine, percentiles_ms, serve,
-                      table, write_json)
+from ._common import (DEFAULT_DATA, distinct_texts, echo_server, load_pairs, machine,
+                      percentiles_ms, serve, table, time_calls, write_json)
 
 SUFFIX = " Please answer briefly."  # rewording that keeps the meaning (cosine ~0.95)
 RESPONSE = b"r" * 512
@@ -47,6 +50,20 @@ def _measure(client: Client, prompts: list[str], tier: str, min_similarity: floa
         server.append(result.server_time_us / 1e6)
     return {"round_trip": percentiles_ms(round_trip), "server": percentiles_ms(server),
             "other_tier": other}
+
+
+def _floors(texts: list[str], calls: int) -> dict[str, dict[str, float]]:
+    """The bare costs under every lookup, timed after the server has stopped (so they do not
+    compete with it): a loopback gRPC echo of a lookup-sized message, and one embedding."""
+    from stratacache.embed import Encoder
+
+    encoder = Encoder("default", device="auto")
+    texts_cycle = iter(texts * (calls // max(1, len(texts)) + 2))
+    embed = time_calls(lambda: encoder.encode([next(texts_cycle)]), calls)
+    with echo_server() as echo:
+        payload = b"x" * 600  # about a lookup request and its hit response
+        rpc = time_calls(lambda: echo(payload), calls)
+    return {"echo": percentiles_ms(rpc), "embed": percentiles_ms(embed)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,23 +111,29 @@ def main(argv: list[str] | None = None) -> int:
             results[label] = _measure(client, prompts, tier, min_similarity, label)
         final_stats = client.stats()
 
+    floors = _floors(stored[:args.calls], args.calls)
     rows = []
     for label, r in results.items():
         rt, sv = r["round_trip"], r["server"]
+        floor = floors["echo"]["p50_ms"] + (0 if label == "exact hit" else floors["embed"]["p50_ms"])
+        ratio = f"{rt['p50_ms'] / floor:.2f}" if rt.get("n") else "-"
+        r["floor_p50_ms"], r["client_p50_over_floor"] = floor, ratio
         rows.append([label, rt.get("n", 0), rt.get("p50_ms", "-"), rt.get("p99_ms", "-"),
-                     sv.get("p50_ms", "-"), sv.get("p99_ms", "-"), r["other_tier"]])
+                     sv.get("p50_ms", "-"), sv.get("p99_ms", "-"), ratio, r["other_tier"]])
+    for name, f in floors.items():
+        rows.append([f"floor: {name}", f["n"], f["p50_ms"], f["p99_ms"], "", "", "", ""])
     info = machine()
     print(f"\nmachine: {info['cpu']}, {info['cores']} cores, {info['simd_isa']}; "
           f"server start {server.start_s:.2f} s; {args.entries} entries "
           f"(warm {n_warm}, cold {n_cold} after filling), stored at "
           f"{args.entries / store_s:.0f}/s sequentially")
     print(table(rows, ["lookup", "n", "client p50 ms", "client p99 ms", "server p50 ms",
-                       "server p99 ms", "other tier"]))
+                       "server p99 ms", "p50 / floor", "other tier"]))
     path = write_json("latency", {
         "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
         "server_start_s": server.start_s, "store_per_s": args.entries / store_s,
         "placement_after_fill": {"warm": n_warm, "cold": n_cold},
-        "results": results, "server_stages": final_stats["stages"]}, args.out)
+        "results": results, "floors": floors, "server_stages": final_stats["stages"]}, args.out)
     print(f"wrote {path}")
     return 0
 
