@@ -10,6 +10,9 @@ hot, then times (client round trip and the server's own ``server_time_us``) for 
 - cold hit    a reworded prompt whose entry is only in SQLite (each hit moves it up);
 - miss        a question that was never stored.
 
+Then throughput and latency with 1, 4, 16 and 64 concurrent clients (asyncio, one process)
+for exact and for semantic lookups.
+
 Every call's tier is checked; calls served from another tier than intended are not counted.
 In the same run it times the floors: a bare gRPC echo on loopback and a bare embedding call
 (the same model, in this process, one text), and prints each figure's ratio to its floor
@@ -22,12 +25,14 @@ table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from stratacache import Client, LookupResult
+from stratacache import AsyncClient, Client, LookupResult
 
 from ._common import (DEFAULT_DATA, distinct_texts, echo_server, load_pairs, machine,
                       percentiles_ms, serve, table, time_calls, write_json)
@@ -50,6 +55,30 @@ def _measure(client: Client, prompts: list[str], tier: str, min_similarity: floa
         server.append(result.server_time_us / 1e6)
     return {"round_trip": percentiles_ms(round_trip), "server": percentiles_ms(server),
             "other_tier": other}
+
+
+async def _concurrent(target: str, prompts: list[str], min_similarity: float | None,
+                      clients: int, calls: int) -> dict[str, object]:
+    """``clients`` workers share ``calls`` lookups; per-call latency and overall calls/s."""
+    source = itertools.islice(itertools.cycle(prompts), calls)
+    latencies: list[float] = []
+    hits = 0
+
+    async def worker(c: AsyncClient) -> None:
+        nonlocal hits
+        for prompt in source:
+            started = time.perf_counter()
+            result = await c.lookup(prompt, min_similarity=min_similarity)
+            latencies.append(time.perf_counter() - started)
+            hits += result.hit
+
+    async with AsyncClient(target, timeout=60) as c:
+        await c.lookup(prompts[0])  # connect before timing
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(c) for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    return {"clients": clients, "calls": len(latencies), "hits": hits,
+            "per_s": round(len(latencies) / elapsed, 1), **percentiles_ms(latencies)}
 
 
 def _floors(texts: list[str], calls: int) -> dict[str, dict[str, float]]:
@@ -75,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hot-capacity", type=int, default=200)
     parser.add_argument("--warm-max-mib", type=float, default=6,
                         help="warm budget; about 4 KiB per entry, the rest goes cold")
+    parser.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")],
+                        default=[1, 4, 16, 64], help="concurrency levels, comma-separated")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
 
@@ -109,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, dict[str, object]] = {}
         for label, prompts, tier, min_similarity in kinds:
             results[label] = _measure(client, prompts, tier, min_similarity, label)
+        concurrency = []
+        for kind, prompts, min_similarity in (
+                ("exact", stored[-args.hot_capacity:], None),
+                ("semantic", [t + SUFFIX for t in stored[-args.hot_capacity:]], 0.8)):
+            for clients in args.clients:
+                calls = (max(args.calls, 8 * clients) if kind == "semantic"
+                         else max(10 * args.calls, 20 * clients))
+                row = asyncio.run(_concurrent(server.target, prompts, min_similarity, clients,
+                                              calls))
+                concurrency.append({"kind": kind, **row})
         final_stats = client.stats()
 
     floors = _floors(stored[:args.calls], args.calls)
@@ -129,11 +170,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.entries / store_s:.0f}/s sequentially")
     print(table(rows, ["lookup", "n", "client p50 ms", "client p99 ms", "server p50 ms",
                        "server p99 ms", "p50 / floor", "other tier"]))
+    print()
+    print(table([[r["kind"], r["clients"], r["calls"], r["per_s"], r["p50_ms"], r["p90_ms"],
+                  r["p99_ms"]] for r in concurrency],
+                ["lookups", "clients", "calls", "calls/s", "p50 ms", "p90 ms", "p99 ms"]))
     path = write_json("latency", {
         "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
         "server_start_s": server.start_s, "store_per_s": args.entries / store_s,
         "placement_after_fill": {"warm": n_warm, "cold": n_cold},
-        "results": results, "floors": floors, "server_stages": final_stats["stages"]}, args.out)
+        "results": results, "concurrency": concurrency, "floors": floors, "server_stages": final_stats["stages"]}, args.out)
     print(f"wrote {path}")
     return 0
 

@@ -36,66 +36,28 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import math
-import random
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ._common import DEFAULT_DATA, RESULTS, machine
+from ._quality import (EXACT_TEXT_NOTE, SELECTION_RULE, Pair, choose_threshold, crowded_rows,
+                       duplicate_clusters, format_table, judge, load_pairs, pair_rows,
+                       parse_thresholds, wilson)
+
+__all__ = ["duplicate_clusters", "judge", "wilson"]  # re-exported for other benchmarks
 
 DEFAULT_OUT = RESULTS / "threshold_sweep.json"
 DEFAULT_THRESHOLDS = "0.70:0.99:0.01"
 DEFAULT_TARGET_PRECISION = 0.85
 EMBED_BATCH = 64
 SEARCH_CHUNK = 256
-Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
-
-SELECTION_RULE = (
-    "the lowest swept threshold t whose pair-protocol precision (pairs served with "
-    "cos(a, b) >= t that are labelled duplicates / pairs served) has a 95% Wilson score "
-    "lower bound >= the target precision")
-EXACT_TEXT_NOTE = (
-    "crowded protocol: when a lookup's b text is itself a stored a, it is served that entry "
-    "exactly (as the server's exact tier would: similarity 1.0, a hit at every threshold) and "
-    "counted as correct, since b's own text is in b's duplicate cluster")
-
-
-@dataclass(frozen=True)
-class Pair:
-    a: str
-    b: str
-    duplicate: bool
-
-
 # ---------------------------------------------------------------------------------------------
 # inputs
-
-
-def parse_thresholds(spec: str) -> list[float]:
-    """``START:STOP:STEP`` (STOP included) or a comma-separated list, e.g. ``0.8,0.9``."""
-    try:
-        if ":" in spec:
-            start, stop, step = (float(x) for x in spec.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            count = int(math.floor((stop - start) / step + 1e-9)) + 1
-            values = [round(start + i * step, 6) for i in range(count)]
-        else:
-            values = sorted({round(float(x), 6) for x in spec.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad --thresholds {spec!r}: give START:STOP:STEP (e.g. 0.70:0.99:0.01) or a "
-            "comma-separated list (e.g. 0.8,0.9,0.95)") from None
-    if not values or not all(-1.0 <= v <= 1.0 for v in values):
-        raise argparse.ArgumentTypeError(f"bad --thresholds {spec!r}: cosines lie in [-1, 1]")
-    return values
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -127,17 +89,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def load_pairs(path: Path, limit: int | None, seed: int) -> tuple[list[Pair], int]:
-    """The pairs to use (the first ``limit`` after a shuffle seeded by ``seed``), and how many
-    the file holds."""
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        pairs = [Pair(row["a"], row["b"], bool(row["duplicate"]))
-                 for row in map(json.loads, f) if row]
-    total = len(pairs)
-    random.Random(seed).shuffle(pairs)
-    return (pairs[:limit] if limit is not None else pairs), total
-
-
 # ---------------------------------------------------------------------------------------------
 # embedding
 
@@ -161,18 +112,6 @@ def embed_texts(encoder: object, texts: list[str]) -> np.ndarray:
 # statistics
 
 
-def wilson(successes: int, n: int, z: float = Z_95) -> dict[str, object]:
-    """A proportion with its Wilson score interval; value and bounds are None when n == 0."""
-    if n == 0:
-        return {"k": successes, "n": n, "value": None, "low": None, "high": None}
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return {"k": successes, "n": n, "value": p,
-            "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
-
-
 # ---------------------------------------------------------------------------------------------
 # pair protocol
 
@@ -183,56 +122,11 @@ def pair_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int],
     va = vectors[[row[p.a] for p in pairs]]
     vb = vectors[[row[p.b] for p in pairs]]
     cosine = np.einsum("ij,ij->i", va, vb).astype(np.float64)
-    duplicate = np.array([p.duplicate for p in pairs], dtype=bool)
-    n, n_dup = len(pairs), int(duplicate.sum())
-    results = []
-    for t in thresholds:
-        served = cosine >= t
-        n_served = int(served.sum())
-        right = int((served & duplicate).sum())
-        wrong = n_served - right
-        results.append({
-            "threshold": t, "served": n_served, "served_duplicate": right,
-            "served_non_duplicate": wrong,
-            "precision": wilson(right, n_served), "recall": wilson(right, n_dup),
-            "hit_rate": wilson(n_served, n), "wrong_hit_rate": wilson(wrong, n)})
-    return results
+    return pair_rows(cosine, [p.duplicate for p in pairs], thresholds)
 
 
 # ---------------------------------------------------------------------------------------------
 # crowded protocol
-
-
-def duplicate_clusters(pairs: list[Pair]) -> dict[str, str]:
-    """Each text that occurs in a duplicate pair -> its cluster's representative (union-find
-    over every duplicate label). A text absent from the map is alone in its cluster."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
-    for p in pairs:
-        if p.duplicate:
-            ra, rb = find(p.a), find(p.b)
-            if ra != rb:
-                parent[ra] = rb
-    return {text: find(text) for text in parent}
-
-
-def judge(served: str, query: str, cluster: dict[str, str],
-          non_duplicates: set[frozenset[str]]) -> str:
-    """``correct``, ``wrong`` or ``unlabelled``, by the README's rules, in that order."""
-    if cluster.get(served, served) == cluster.get(query, query):
-        return "correct"
-    if frozenset((served, query)) in non_duplicates:
-        return "wrong"
-    return "unlabelled"
 
 
 def top1_search(queries: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -261,11 +155,6 @@ def crowded_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int]
     queries = list(dict.fromkeys(p.b for p in pairs))
     found_rows, found_scores = top1_search(vectors[[row[q] for q in queries]], matrix)
 
-    cluster = duplicate_clusters(pairs)
-    non_duplicates = {frozenset((p.a, p.b)) for p in pairs if not p.duplicate}
-    contradictions = sum(1 for p in pairs if not p.duplicate
-                         and cluster.get(p.a, p.a) == cluster.get(p.b, p.b))
-
     # one decision per distinct b; a lookup per pair
     decision: dict[str, tuple[str, float]] = {}
     semantic_would_differ = 0
@@ -275,79 +164,13 @@ def crowded_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int]
             semantic_would_differ += stored[r] != q
         else:
             decision[q] = (stored[r], float(s))
-    n = len(pairs)
-    score = np.empty(n, dtype=np.float64)
-    verdict = np.empty(n, dtype=object)
-    exact = np.zeros(n, dtype=bool)
-    for i, p in enumerate(pairs):
-        served, score[i] = decision[p.b]
-        verdict[i] = judge(served, p.b, cluster, non_duplicates)
-        exact[i] = p.b in stored_set
-    correct, wrong = verdict == "correct", verdict == "wrong"
-    duplicate = np.array([p.duplicate for p in pairs], dtype=bool)
-    n_dup = int(duplicate.sum())
-
-    results = []
-    for t in thresholds:
-        hit = score >= t
-        hits, c, w = int(hit.sum()), int((hit & correct).sum()), int((hit & wrong).sum())
-        plain = hit & ~exact  # the same counts leaving out the exact-text lookups
-        pc, pw = int((plain & correct).sum()), int((plain & wrong).sum())
-        results.append({
-            "threshold": t, "hits": hits, "correct": c, "wrong": w,
-            "unlabelled": hits - c - w,
-            "labelled_precision": wilson(c, c + w), "strict_precision": wilson(c, hits),
-            "recall": wilson(int((hit & correct & duplicate).sum()), n_dup),
-            "hit_rate": wilson(hits, n), "wrong_hit_rate": wilson(w, n),
-            "without_exact_text_lookups": {
-                "labelled_precision": wilson(pc, pc + pw),
-                "strict_precision": wilson(pc, int(plain.sum()))}})
-    summary = {
-        "stored_entries": len(stored), "lookups": n, "distinct_lookup_texts": len(queries),
-        "duplicate_pairs": n_dup, "clustered_texts": len(cluster),
-        "clusters_with_2_or_more_texts": len(set(cluster.values())),
-        "non_duplicate_pairs_inside_one_cluster": contradictions,
-        "exact_text_lookups": int(exact.sum()),
-        "exact_text_lookups_where_top1_search_served_another_text": int(semantic_would_differ),
-        "exact_text_handling": EXACT_TEXT_NOTE,
-        "verdicts_of_top1_regardless_of_threshold": {
-            v: int((verdict == v).sum()) for v in ("correct", "wrong", "unlabelled")},
-        "label_source": "duplicate clusters and non-duplicate labels from the pairs used",
-    }
-    return summary, results
+    summary, rows = crowded_rows(pairs, [decision[p.b] for p in pairs], stored_set, thresholds)
+    summary["exact_text_lookups_where_top1_search_served_another_text"] = semantic_would_differ
+    return summary, rows
 
 
 # ---------------------------------------------------------------------------------------------
 # choice and report
-
-
-def choose_threshold(pair_rows: list[dict[str, object]], target: float) -> float | None:
-    for r in pair_rows:  # thresholds ascend
-        low = r["precision"]["low"]
-        if low is not None and low >= target:
-            return r["threshold"]
-    return None
-
-
-def format_table(pair_rows: list[dict[str, object]], crowded_rows: list[dict[str, object]],
-                 chosen: float | None) -> str:
-    def pct(w: dict[str, object]) -> str:
-        return "  -  " if w["value"] is None else f"{w['value']:.3f}"
-
-    def ci(w: dict[str, object]) -> str:
-        return "[  -  ,  -  ]" if w["value"] is None else f"[{w['low']:.3f},{w['high']:.3f}]"
-
-    header = (f"{'t':>5}  {'pair P':>5} {'95% CI':<13}  {'pair R':>6}  {'crowd P lab':>11}  "
-              f"{'strict P':>8}  {'crowd R':>7}  {'wrong-hit':>9}  {'(CI)':<13}")
-    lines = [header, "-" * len(header)]
-    for p, c in zip(pair_rows, crowded_rows):
-        mark = "  <- chosen" if p["threshold"] == chosen else ""
-        lines.append(
-            f"{p['threshold']:>5.2f}  {pct(p['precision']):>6} {ci(p['precision'])}  "
-            f"{pct(p['recall']):>6}  {pct(c['labelled_precision']):>11}  "
-            f"{pct(c['strict_precision']):>8}  {pct(c['recall']):>7}  "
-            f"{pct(c['wrong_hit_rate']):>9}  {ci(c['wrong_hit_rate'])}{mark}")
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks import latency, threshold_sweep
+from benchmarks import hit_quality, latency, threshold_sweep
 
 from .data import QQP
 
@@ -14,12 +14,27 @@ from .data import QQP
 def test_latency_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
     out = tmp_path / "latency.json"
     assert latency.main(["--data", str(QQP), "--entries", "320", "--calls", "8",
-                         "--hot-capacity", "16", "--warm-max-mib", "1", "--out", str(out)]) == 0
+                         "--hot-capacity", "16", "--warm-max-mib", "1", "--clients", "1,4",
+                         "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"exact hit", "hot hit", "warm hit", "cold hit", "miss"}
     assert report["results"]["exact hit"]["round_trip"]["n"] == 8
     assert report["placement_after_fill"]["cold"] > 0
     assert report["floors"]["echo"]["n"] == 8 and report["floors"]["embed"]["n"] == 8
+    assert [(r["kind"], r["clients"]) for r in report["concurrency"]] == [
+        ("exact", 1), ("exact", 4), ("semantic", 1), ("semantic", 4)]
+
+
+def test_hit_quality_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
+    out, plot = tmp_path / "hq.json", tmp_path / "hq.png"
+    assert hit_quality.main(["--data", str(QQP), "--limit", "40", "--thresholds", "0.8,0.9",
+                             "--out", str(out), "--plot", str(plot)]) == 0
+    report = json.loads(out.read_text())
+    default = report["server"]["default_min_similarity"]
+    assert [r["threshold"] for r in report["pair"]] == sorted({0.8, 0.9, default})
+    assert report["at_default"]["pair"]["threshold"] == default
+    assert report["crowded"]["summary"]["lookups"] == 40
+    assert plot.stat().st_size > 10_000
 
 
 def test_threshold_sweep_runs_on_a_small_slice(tmp_path: Path) -> None:
