@@ -49,3 +49,18 @@ def test_full_queue_is_resource_exhausted(start_server) -> None:  # type: ignore
         stats = c.stats()
         assert stats["rejected_overload"] == len(rejected)
         assert stats["warm"]["entries"] == len(stored)  # rejected stores left nothing behind
+
+
+def test_unavailable_device_is_a_clear_error() -> None:
+    import pytest
+    import torch
+
+    from stratacache.embed import pick_device
+    from stratacache.errors import InvalidArgument
+
+    assert pick_device("cpu") == "cpu"
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(InvalidArgument, match="'cuda:99' is not available here"):
+        pick_device("cuda:99")
+    with pytest.raises(InvalidArgument, match="use auto, cpu, cuda or cuda:N"):
+        pick_device("tpu")

@@ -28,7 +28,7 @@ def test_paraphrase_hits_and_unrelated_prompt_misses(client: Client) -> None:
 
 
 def test_exact_match_is_served_without_semantic_search(client: Client) -> None:
-    client.store("  What   is\tthe capital of France? ", b"Paris")
+    client.store("  What is the capital of France?\n", b"Paris")
     result = client.lookup("What is the capital of France?")
     assert result.hit and result.tier == "exact" and result.similarity == 1.0
     assert result.response == b"Paris"

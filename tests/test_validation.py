@@ -63,3 +63,20 @@ def test_api_key_is_required_when_configured(start_server) -> None:  # type: ign
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="stratacache.v1.SemanticCache"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        # ... and so does reflection (the schema, no data), for grpcurl.
+        assert "stratacache.v1.SemanticCache" in _reflected_services(channel)
+
+
+def test_reflection_lists_the_services(server) -> None:  # type: ignore[no-untyped-def]
+    with grpc.insecure_channel(server.target) as channel:
+        assert {"stratacache.v1.SemanticCache", "stratacache.v1.CacheAdmin",
+                "grpc.health.v1.Health"} <= _reflected_services(channel)
+
+
+def _reflected_services(channel: grpc.Channel) -> set[str]:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    reply = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    return {s.name for s in reply.list_services_response.service}

@@ -34,3 +34,18 @@ def test_add_remove_search_match_numpy() -> None:
     np.testing.assert_array_equal(matrix.vector("id1"), vectors[1])
     assert asyncio.run(matrix.search_off_loop(query, 5)) == found
     assert VectorMatrix(97).search(query, 5) == []
+
+
+def test_hot_tier_bounds_bytes_as_well_as_entries() -> None:
+    from stratacache.records import Entry
+    from stratacache.tiers.hot import HotTier
+
+    hot = HotTier(4, capacity=1000, max_bytes=3 * 70_000, m=16, ef_construction=100,
+                  ef_search=32)
+    vector = np.array([1, 0, 0, 0], dtype=np.float32)
+    for i in range(10):
+        dropped = hot.add(Entry(id=f"{i:032x}", namespace="n", partition=b"p",
+                                exact_key=bytes([i]) * 16, prompt="q", response=b"r" * 65_536,
+                                vector=vector, created_at=0.0))
+        assert len(hot) <= 3 and hot.bytes <= 3 * 70_000
+    assert dropped == [f"{6:032x}"] and f"{9:032x}" in hot  # least recently used go first

@@ -61,6 +61,8 @@ SERVE_FLAGS = (
           "answers and fewer hits (chosen on QQP: see the README)"),
     _Flag("hot_capacity", int, config.DEFAULT_HOT_CAPACITY,
           "entries held in memory (hot tier); beyond it the least recently used stay on disk only"),
+    _Flag("hot_max_mib", _mib, config.DEFAULT_HOT_MAX_BYTES >> 20,
+          "memory bound of the hot tier in MiB (entries and responses, estimated)"),
     _Flag("hnsw_m", int, config.DEFAULT_HNSW_M, "HNSW graph degree: more = better recall, more memory"),
     _Flag("hnsw_ef_construction", int, config.DEFAULT_HNSW_EF_CONSTRUCTION,
           "HNSW build breadth: more = better graph, slower inserts"),
@@ -87,7 +89,8 @@ SERVE_FLAGS = (
     _Flag("log_level", str, "info", "debug, info, warning or error"),
 )
 
-_SETTINGS_FIELD = {"warm_max_mib": "warm_max_bytes", "cold_max_mib": "cold_max_bytes"}
+_SETTINGS_FIELD = {"hot_max_mib": "hot_max_bytes", "warm_max_mib": "warm_max_bytes",
+                   "cold_max_mib": "cold_max_bytes"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,9 @@ DEFAULT_MIN_SIMILARITY = 0.95
 #: Hot tier: entries held in memory in HNSW indexes (vectors, graph and payloads). Each entry
 #: costs about 4*dim + 8*M bytes plus its prompt and response.
 DEFAULT_HOT_CAPACITY = 100_000
+#: Hot tier bound on the bytes of the entries it holds (responses can be 4 MiB each, so an
+#: entry count alone does not bound memory).
+DEFAULT_HOT_MAX_BYTES = 1 << 30
 #: HNSW graph degree and search breadth (see hnswlib's ALGO_PARAMS.md): higher M and ef give
 #: better recall at more memory (M) and more search time (ef).
 DEFAULT_HNSW_M = 16
@@ -72,6 +75,7 @@ class Settings:
     device: str = DEFAULT_DEVICE
     min_similarity: float = DEFAULT_MIN_SIMILARITY
     hot_capacity: int = DEFAULT_HOT_CAPACITY
+    hot_max_bytes: int = DEFAULT_HOT_MAX_BYTES
     hnsw_m: int = DEFAULT_HNSW_M
     hnsw_ef_construction: int = DEFAULT_HNSW_EF_CONSTRUCTION
     hnsw_ef_search: int = DEFAULT_HNSW_EF_SEARCH
@@ -96,6 +100,8 @@ class Settings:
                      "embed_max_batch", "embed_max_queue", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hot_max_bytes < 1 << 20:
+            problems.append(f"hot_max_bytes must be at least 1 MiB, got {self.hot_max_bytes}")
         if self.warm_max_bytes < 1 << 20:
             problems.append(f"warm_max_bytes must be at least 1 MiB, got {self.warm_max_bytes}")
         if self.cold_max_bytes < 0:

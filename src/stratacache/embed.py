@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import logging
 import os
+import re
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -77,12 +78,27 @@ def _fingerprint(path: Path) -> str:
 
 
 def pick_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; anything else is passed on."""
-    if device != "auto":
-        return device
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; ``cpu``, ``cuda``, ``cuda:N``
+    and ``mps`` are checked against what torch sees.
+
+    Raises:
+        InvalidArgument: the device does not exist here.
+    """
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "mps" and torch.backends.mps.is_available():
+        return device
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match and torch.cuda.is_available() and int(match.group(1) or 0) < torch.cuda.device_count():
+        return device
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    raise InvalidArgument(
+        f"--device {device!r} is not available here (torch sees {seen} CUDA device(s)): use "
+        "auto, cpu, cuda or cuda:N with N below the device count")
 
 
 class Encoder:
@@ -112,12 +128,26 @@ class Encoder:
     def dimension(self) -> int:
         return self.identity.dimension
 
+    @property
+    def max_tokens(self) -> int:
+        """Tokens the model reads; it silently ignores the rest of a longer text."""
+        return int(self._model.max_seq_length)
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-normalised float32 embeddings, shape ``(len(texts), dimension)``."""
         vectors = self._model.encode(list(texts), batch_size=max(1, len(texts)),
                                      convert_to_numpy=True, normalize_embeddings=True,
                                      show_progress_bar=False)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def encode_whole(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Like :meth:`encode`, but None for a text longer than the model reads: its vector
+        would only describe its beginning, and two long prompts that differ after it would
+        look identical (similarity 1.0) to the cache."""
+        lengths = [len(ids) for ids in self._model.tokenizer(
+            list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]]
+        vectors = self.encode(texts)
+        return [v.copy() if n <= self.max_tokens else None for v, n in zip(vectors, lengths)]
 
 
 @dataclass
@@ -143,7 +173,8 @@ class BatchingEmbedder:
         self.encoder = encoder
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
-        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray]]] = asyncio.Queue(max_queue)
+        self._queue: asyncio.Queue[tuple[str, asyncio.Future[np.ndarray | None]]] = asyncio.Queue(
+            max_queue)
         # One thread: the model is not re-entrant, and torch uses the cores inside a pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._consumer: asyncio.Task[None] | None = None
@@ -153,8 +184,9 @@ class BatchingEmbedder:
     def start(self) -> None:
         self._consumer = asyncio.get_running_loop().create_task(self._run(), name="embed-batcher")
 
-    async def embed(self, text: str) -> np.ndarray:
-        """The unit-normalised embedding of ``text``.
+    async def embed(self, text: str) -> np.ndarray | None:
+        """The unit-normalised embedding of ``text``; None when the text is longer than the
+        model reads (see ``Encoder.encode_whole``).
 
         Raises:
             Overloaded: the queue is full.
@@ -162,7 +194,7 @@ class BatchingEmbedder:
         """
         if self._closed:
             raise Unavailable("the server is shutting down")
-        future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[np.ndarray | None] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait((text, future))
         except asyncio.QueueFull:
@@ -172,7 +204,7 @@ class BatchingEmbedder:
                 "backoff, or raise --embed-max-queue / add capacity") from None
         return await future
 
-    async def _next_batch(self) -> list[tuple[str, asyncio.Future[np.ndarray]]]:
+    async def _next_batch(self) -> list[tuple[str, asyncio.Future[np.ndarray | None]]]:
         batch = [await self._queue.get()]
         deadline = time.monotonic() + self._max_wait_s
         while len(batch) < self._max_batch:
@@ -198,7 +230,7 @@ class BatchingEmbedder:
                 continue
             try:
                 vectors = await loop.run_in_executor(
-                    self._executor, self.encoder.encode, [t for t, _ in batch])
+                    self._executor, self.encoder.encode_whole, [t for t, _ in batch])
             except Exception as exc:  # a failed pass fails its callers, not the batcher
                 log.exception("embedding batch of %d failed", len(batch))
                 for _, future in batch:

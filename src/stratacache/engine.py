@@ -22,8 +22,10 @@ import heapq
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,6 +45,8 @@ from .tiers.warm import WarmTier
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 #: Candidates each tier returns; the decision takes the most similar that is still valid.
 SEARCH_K = 4
 #: Entries moved from warm to cold per transaction when warm is over budget.
@@ -54,6 +58,41 @@ class _Keys:
     prompt: str  # normalised
     partition: bytes
     exact: bytes
+
+
+@dataclass
+class _Move:
+    """An entry being copied between the disk tiers. Removing it while it moves cancels the
+    move, and the mover deletes its copy: no move resurrects a removed entry."""
+
+    entry: Entry
+    cancelled: bool = False
+
+
+class _KeyedLocks:
+    """One asyncio lock per key, kept only while someone holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[bytes, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, key: bytes) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed: %r", task.exception(), exc_info=task.exception())
 
 
 class Engine:
@@ -70,7 +109,8 @@ class Engine:
         dim = encoder.dimension
         self._dir = DataDir(settings.data_dir, encoder.identity)
         try:
-            self.hot = HotTier(dim, capacity=settings.hot_capacity, m=settings.hnsw_m,
+            self.hot = HotTier(dim, capacity=settings.hot_capacity,
+                               max_bytes=settings.hot_max_bytes, m=settings.hnsw_m,
                                ef_construction=settings.hnsw_ef_construction,
                                ef_search=settings.hnsw_ef_search,
                                hnsw_min_entries=hnsw_min_entries)
@@ -86,8 +126,10 @@ class Engine:
         self._expiry: list[tuple[float, str]] = [
             (info.expires_at, info.id) for info in self.warm.infos() if info.expires_at is not None]
         heapq.heapify(self._expiry)
-        self._background: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
         self._demotion: asyncio.Task[None] | None = None
+        self._moving: dict[str, _Move] = {}
+        self._key_locks = _KeyedLocks()
         self._sweeper: asyncio.Task[None] | None = None
         self._started = time.monotonic()
         self._closed = False
@@ -138,6 +180,8 @@ class Engine:
 
         with self.metrics.stage("embed"):
             vector = await self._embedder.embed(k.prompt)
+        if vector is None:  # too long for the model: exact matches only
+            return self._respond_miss(0.0, started)
 
         best_miss = 0.0
         for tier in (Tier.HOT, Tier.WARM, Tier.COLD):
@@ -155,15 +199,18 @@ class Engine:
             # Re-score against the entry itself: what is served provably meets the threshold,
             # whatever an index did concurrently.
             similarity = float(np.dot(entry.vector, vector))
-            if similarity < threshold:
+            if decide([Candidate(entry.id, similarity)], threshold) is None:
                 continue
             self._promote(entry, tier)
             return self._respond_hit(entry, tier, similarity, now, started)
 
+        return self._respond_miss(best_miss, started)
+
+    def _respond_miss(self, best_similarity: float, started: float) -> LookupResult:
         self.metrics.misses += 1
         elapsed = time.perf_counter() - started
         self.metrics.record("lookup", elapsed)
-        return LookupResult(hit=False, best_similarity=best_miss,
+        return LookupResult(hit=False, best_similarity=best_similarity,
                             server_time_us=int(elapsed * 1e6))
 
     def _keys(self, request: LookupRequest | StoreRequest) -> _Keys:
@@ -225,15 +272,23 @@ class Engine:
         self.metrics.demotions[Tier.HOT] += len(self.hot.add(entry))
 
     async def _promote_from_cold(self, entry: Entry) -> None:
-        if entry.id in self.warm:
-            return
-        await self.warm.put([entry])
-        if await self.cold.remove([entry.id]):
-            self.metrics.promotions[Tier.COLD] += 1
-            self._hold_hot(entry)
-            self._maybe_demote()
-        else:  # removed from cold while we copied it: the copy must not outlive it
+        if entry.id in self._moving or entry.id in self.warm:
+            return  # another lookup is already moving it
+        move = self._moving[entry.id] = _Move(entry)
+        try:
+            await self.warm.put([entry])
+            if not move.cancelled and await self.cold.remove([entry.id]) and not move.cancelled:
+                self.metrics.promotions[Tier.COLD] += 1
+                self._hold_hot(entry)
+                self._track_expiry(entry)
+                self._maybe_demote()
+                return
+            # Removed (invalidated, deleted, replaced) while we copied it: so must our copy be.
+            self.hot.remove(entry.id)
             await self.warm.remove([entry.id])
+            await self.cold.remove([entry.id])
+        finally:
+            del self._moving[entry.id]
 
     def _respond_hit(self, entry: Entry, tier: Tier, similarity: float, now: float,
                      started: float) -> LookupResult:
@@ -262,6 +317,10 @@ class Engine:
             k = self._keys(request)
         with self.metrics.stage("embed"):
             vector = await self._embedder.embed(k.prompt)
+        if vector is None:
+            # Longer than the model reads: served to exact matches only. A zero vector has
+            # similarity 0 to everything, and decide never serves similarity 0.
+            vector = np.zeros(self.encoder.dimension, dtype=np.float32)
         now = time.time()
         entry = Entry(
             id=uuid.uuid4().hex, namespace=request.namespace, partition=k.partition,
@@ -270,63 +329,98 @@ class Engine:
             expires_at=None if request.ttl_s is None else now + request.ttl_s,
             template_id=request.template_id, template_version=request.template_version,
             user_id=request.user_id, metadata=dict(request.metadata))
-        replaced = await self._ids_with_exact_key(k.exact)
         with self.metrics.stage("store_durable"):
-            await self.warm.put([entry], replacing=replaced)
-            if replaced:
-                self.hot.remove_many(replaced)
-                await self.cold.remove(replaced)
-        self._hold_hot(entry)
-        if entry.expires_at is not None:
-            heapq.heappush(self._expiry, (entry.expires_at, entry.id))
-        self._maybe_demote()
+            # Shielded: once the entry is being written, a cancelled call (a client deadline)
+            # must not leave disk and memory disagreeing.
+            replaced = await asyncio.shield(self._spawn(self._store_entry(entry), awaited=True))
         self.metrics.stores += 1
         self.metrics.record("store", time.perf_counter() - started)
-        return StoreResult(entry.id, bool(replaced))
+        return StoreResult(entry.id, replaced)
 
-    async def _ids_with_exact_key(self, key: bytes) -> list[str]:
-        """Ids of entries a Store with this exact key replaces (an interrupted move can leave
-        one in two tiers)."""
+    async def _store_entry(self, entry: Entry) -> bool:
+        """Writes ``entry`` durably and replaces what had its exact key; Stores of one exact key
+        run one at a time, so concurrent Stores of one prompt leave exactly one entry."""
+        async with self._key_locks.hold(entry.exact_key):
+            replaced = self._ids_with_exact_key(entry.exact_key)
+            if len(self.cold):
+                replaced.update(await self.cold.ids_where("exact_key = ?", (entry.exact_key,)))
+            self._cancel_moves(replaced)
+            await self.warm.put([entry], replacing=replaced)
+            if replaced:
+                await self._remove_ids(replaced)  # whatever was not in warm
+            self._hold_hot(entry)
+            self._track_expiry(entry)
+            self._maybe_demote()
+            return bool(replaced)
+
+    def _ids_with_exact_key(self, key: bytes) -> set[str]:
+        """Ids in memory (hot, warm, moving) with this exact key; an interrupted move can leave
+        one in two tiers."""
         hot_entry = self.hot.get_exact(key)
         found = {i for i in (hot_entry and hot_entry.id, self.warm.exact_id(key)) if i}
-        if len(self.cold):
-            found.update(await self.cold.ids_where("exact_key = ?", (key,)))
-        return sorted(found)
+        found.update(i for i, m in self._moving.items() if m.entry.exact_key == key)
+        return found
+
+    def _track_expiry(self, entry: Entry) -> None:
+        if entry.expires_at is None:
+            return
+        heapq.heappush(self._expiry, (entry.expires_at, entry.id))
+        if len(self._expiry) > 2 * (len(self.warm) + len(self.hot)) + 1024:
+            # Replaced and deleted entries leave stale items: rebuild from what is held.
+            live = {i.id: i.expires_at for i in self.warm.infos() if i.expires_at is not None}
+            live.update((e.id, e.expires_at) for e in self.hot.entries()
+                        if e.expires_at is not None)
+            self._expiry = [(t, i) for i, t in live.items()]
+            heapq.heapify(self._expiry)
 
     # --- placement ----------------------------------------------------------------------------
 
-    def _spawn(self, coroutine) -> None:  # type: ignore[no-untyped-def]
+    def _spawn(self, coroutine: Coroutine[Any, Any, T], *, awaited: bool = False) -> asyncio.Task[T]:
+        """Runs ``coroutine`` as a task that ``close`` waits for. Failures of tasks nobody
+        awaits (``awaited=False``) are logged."""
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background move failed: %r", task.exception(), exc_info=task.exception())
+        task.add_done_callback(self._background.discard)
+        if not awaited:
+            task.add_done_callback(_log_failure)
+        return task
 
     def _maybe_demote(self) -> None:
         if self.warm.over_budget() and (self._demotion is None or self._demotion.done()):
-            self._demotion = asyncio.get_running_loop().create_task(self._demote_warm())
-            self._background.add(self._demotion)
-            self._demotion.add_done_callback(self._background_done)
+            self._demotion = self._spawn(self._demote_warm())
 
     async def _demote_warm(self) -> None:
         """Moves warm's least recently used entries to cold until warm is under its watermark."""
         while self.warm.over_budget():
-            ids = self.warm.coldest()[:DEMOTION_BATCH]
+            ids = [i for i in self.warm.coldest()[:DEMOTION_BATCH] if i not in self._moving]
             if not ids:
                 return
-            entries = self.warm.read_many(ids)
-            evicted = await self.cold.put(entries)
-            self.hot.remove_many(evicted)
-            self.metrics.demotions[Tier.COLD] += len(evicted)
-            # Entries removed from warm while we copied them must not survive in cold.
-            vanished = [e.id for e in entries if e.id not in self.warm]
-            await self.cold.remove(vanished)
-            moved = await self.warm.remove(ids)
-            self.metrics.demotions[Tier.WARM] += len(moved)
-            log.debug("demoted %d entries from warm to cold", len(moved))
+            moves = {e.id: _Move(e) for e in self.warm.read_many(ids)}
+            self._moving.update(moves)
+            try:
+                evicted = await self.cold.put([m.entry for m in moves.values()])
+                self.hot.remove_many(evicted)
+                self.metrics.demotions[Tier.COLD] += len(evicted)
+                # Entries removed while we copied them must not survive in cold; entries removed
+                # from here on are removed from both tiers by their remover.
+                await self.cold.remove([i for i, m in moves.items() if m.cancelled])
+                moved = await self.warm.remove([i for i, m in moves.items() if not m.cancelled])
+                self.metrics.demotions[Tier.WARM] += len(moved)
+                log.debug("demoted %d entries from warm to cold", len(moved))
+            finally:
+                for entry_id in moves:
+                    del self._moving[entry_id]
+
+    def _cancel_moves(self, ids: Iterable[str]) -> set[str]:
+        """Marks moves of these entries as cancelled (the mover then undoes its copy); returns
+        the ids that were moving."""
+        moving = set()
+        for entry_id in ids:
+            move = self._moving.get(entry_id)
+            if move is not None:
+                move.cancelled = True
+                moving.add(entry_id)
+        return moving
 
     # --- admin --------------------------------------------------------------------------------
 
@@ -370,10 +464,13 @@ class Engine:
                            "removed, evicted or expired")
         return removed
 
-    async def _remove_where(self, match: Callable[[object], bool], cold_where: str,
+    async def _remove_where(self, match: Callable[[Any], bool], cold_where: str,
                             cold_args: tuple) -> int:
+        """Removes every entry ``match`` accepts (it is given Entry or EntryInfo objects, which
+        share the field names it reads), in every tier and in flight between tiers."""
         self._check_open()
         ids = set(self.hot.ids_where(match)) | set(self.warm.ids_where(match))
+        ids.update(i for i, m in self._moving.items() if match(m.entry))
         if len(self.cold):
             ids.update(await self.cold.ids_where(cold_where, cold_args))
         removed = await self._remove_ids(ids)
@@ -381,10 +478,12 @@ class Engine:
         return removed
 
     async def _remove_ids(self, ids: Iterable[str]) -> int:
-        """Removes entries from every tier: memory first, so lookups stop serving them at once."""
-        ids = list(ids)
-        self.hot.remove_many(ids)
-        gone = set(await self.warm.remove(ids))
+        """Removes entries from every tier: memory first, so lookups stop serving them at once,
+        and cancels their moves. Returns how many existed."""
+        ids = set(ids)
+        gone = self._cancel_moves(ids)
+        gone.update(i for i in ids if self.hot.remove(i))
+        gone.update(await self.warm.remove(ids))
         if len(self.cold):
             gone.update(await self.cold.remove(ids))
         return len(gone)
@@ -458,7 +557,9 @@ class Engine:
 
 def decide(candidates: list[Candidate], min_similarity: float) -> Candidate | None:
     """The decision, in one place: the most similar candidate if its cosine similarity reaches
-    ``min_similarity``, else None. Candidates arrive best first, expired ones already left out."""
-    if candidates and candidates[0].similarity >= min_similarity:
+    ``min_similarity`` and is positive (an entry whose prompt was too long to embed has a zero
+    vector: similarity 0, never served), else None. Candidates arrive best first, expired ones
+    already left out."""
+    if candidates and candidates[0].similarity >= min_similarity and candidates[0].similarity > 0:
         return candidates[0]
     return None

@@ -12,22 +12,17 @@ get the stored answer without computing an embedding.
 from __future__ import annotations
 
 import hashlib
-import re
 import unicodedata
 from collections.abc import Mapping
 
 #: Digest size in bytes of partition and exact keys (128 bits: collisions are out of reach).
 KEY_BYTES = 16
 
-_WHITESPACE = re.compile(r"\s+")
-
 
 def normalise_prompt(prompt: str) -> str:
-    """Unicode NFC, surrounding whitespace stripped, inner runs of whitespace made one space.
-
-    Case and punctuation are kept: they can change what a prompt asks (code, names, units).
-    """
-    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", prompt)).strip()
+    """Unicode NFC with surrounding whitespace stripped. Nothing else: case, punctuation and
+    inner whitespace can change what a prompt asks (code indentation, names, units)."""
+    return unicodedata.normalize("NFC", prompt).strip()
 
 
 def _digest(*fields: str | None) -> bytes:

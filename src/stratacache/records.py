@@ -97,8 +97,10 @@ def encode(entry: Entry, *, with_vector: bool = True) -> bytes:
     return b"".join((_PREFIX.pack(_FORMAT_VERSION, len(header)), header, vector, entry.response))
 
 
-def decode(data: bytes | memoryview, vector: np.ndarray | None = None) -> Entry:
-    """The entry encoded in ``data``; ``vector`` supplies one encoded without it."""
+def decode(data: bytes | memoryview, vector: np.ndarray | None = None, *,
+           with_response: bool = True) -> Entry:
+    """The entry encoded in ``data``; ``vector`` supplies one encoded without it, and
+    ``with_response=False`` leaves the response out (b"") for callers that only index."""
     version, header_len = _PREFIX.unpack_from(data, 0)
     if version != _FORMAT_VERSION:
         raise ValueError(f"unknown entry format version {version}")
@@ -110,6 +112,6 @@ def decode(data: bytes | memoryview, vector: np.ndarray | None = None) -> Entry:
         vector = np.frombuffer(bytes(data[start:vector_end]), dtype="<f4")
     return Entry(
         id=h["id"], namespace=h["ns"], partition=bytes.fromhex(h["part"]),
-        exact_key=bytes.fromhex(h["exact"]), prompt=h["prompt"], response=bytes(data[vector_end:]),
+        exact_key=bytes.fromhex(h["exact"]), prompt=h["prompt"], response=bytes(data[vector_end:]) if with_response else b"",
         vector=vector, created_at=h["created"], expires_at=h["expires"], template_id=h["tid"],
         template_version=h["tver"], user_id=h["user"], metadata=h["meta"])

@@ -139,10 +139,10 @@ def stats_to_proto(stats: Stats) -> pb.StatsResponse:
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without ``authorization: Bearer <key>``; health checks stay open so a load
-    balancer needs no key."""
+    """Rejects calls without ``authorization: Bearer <key>``. Health checks and reflection (the
+    API's schema, no data) stay open, so load balancers and grpcurl need no key."""
 
-    _OPEN = ("/grpc.health.v1.Health/",)
+    _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
     def __init__(self, api_key: str) -> None:
         self._expected = f"Bearer {api_key}".encode()

@@ -133,7 +133,12 @@ class ColdTier:
     # --- writes -------------------------------------------------------------------------------
 
     async def put(self, entries: Sequence[Entry]) -> list[str]:
-        """Writes ``entries`` durably; returns ids evicted to stay under ``max_bytes``."""
+        """Writes ``entries`` durably; returns ids evicted to stay under ``max_bytes``.
+        Shielded, like ``remove``: the counts kept in memory follow the database even when the
+        caller is cancelled."""
+        return await asyncio.shield(self._put(entries))
+
+    async def _put(self, entries: Sequence[Entry]) -> list[str]:
         rows = []
         for e in entries:
             vector = np.ascontiguousarray(e.vector, dtype="<f4").tobytes()
@@ -170,6 +175,9 @@ class ColdTier:
         ids = list(ids)
         if not ids:
             return []
+        return await asyncio.shield(self._remove(ids))
+
+    async def _remove(self, ids: list[str]) -> list[str]:
         removed = await self._run(self._delete, ids)
         for _, partition, size in removed:
             self._counts[partition] -= 1

@@ -89,15 +89,18 @@ class _Partition:
 
 
 class HotTier:
-    """In-memory entries with per-partition vector search, bounded by ``capacity`` entries.
+    """In-memory entries with per-partition vector search, bounded by ``capacity`` entries and
+    an estimate of ``max_bytes`` (0 = no byte bound).
 
     All methods are synchronous and cheap; the engine calls them on its event loop thread.
     """
 
     def __init__(self, dimension: int, *, capacity: int, m: int, ef_construction: int,
-                 ef_search: int, hnsw_min_entries: int = DEFAULT_HNSW_MIN_ENTRIES) -> None:
+                 ef_search: int, max_bytes: int = 0,
+                 hnsw_min_entries: int = DEFAULT_HNSW_MIN_ENTRIES) -> None:
         self.dimension = dimension
         self.capacity = capacity
+        self.max_bytes = max_bytes
         self._graph_params = dict(m=m, ef_construction=ef_construction, ef_search=ef_search)
         self._hnsw_min_entries = hnsw_min_entries
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
@@ -147,7 +150,8 @@ class HotTier:
         self._exact[entry.exact_key] = entry.id
         self.bytes += _size(entry)
         dropped = []
-        while len(self._entries) > self.capacity:
+        while len(self._entries) > self.capacity or (
+                self.max_bytes and self.bytes > self.max_bytes and len(self._entries) > 1):
             oldest = next(iter(self._entries))
             self.remove(oldest)
             dropped.append(oldest)
@@ -173,6 +177,9 @@ class HotTier:
             del self._exact[entry.exact_key]
         self.bytes -= _size(entry)
         return True
+
+    def entries(self) -> Iterable[Entry]:
+        return self._entries.values()
 
     def ids_where(self, predicate: Callable[[Entry], bool]) -> list[str]:
         return [e.id for e in self._entries.values() if predicate(e)]

@@ -13,7 +13,9 @@ import numpy as np
 from .. import _core
 from .base import Candidate
 
-_INITIAL_ROWS = 8
+#: One row to start: most partitions (one per conversation digest, say) hold a single entry;
+#: doubling keeps growth amortised.
+_INITIAL_ROWS = 1
 
 
 class VectorMatrix:

@@ -78,7 +78,7 @@ class WarmTier:
         loaded: list[tuple[float, Entry, int]] = []
         with self._env.begin(db=self._db, buffers=True) as txn:
             for key, value in txn.cursor():
-                entry = decode(value)
+                entry = decode(value, with_response=False)  # start-up memory: no responses
                 loaded.append((entry.created_at, entry, _stored_size(len(key), len(value))))
         for _, entry, size in sorted(loaded, key=lambda t: t[0]):
             self._index(entry, size)
@@ -159,11 +159,15 @@ class WarmTier:
     # --- writes (disk on the writer thread, then memory) ---------------------------------------
 
     async def put(self, entries: Sequence[Entry], *, replacing: Iterable[str] = ()) -> None:
-        """Writes ``entries`` durably (and deletes ``replacing`` in the same transaction).
+        """Writes ``entries`` durably (and deletes ``replacing`` in the same transaction), then
+        lets lookups see them. Shielded: a cancelled caller cannot leave memory behind disk.
 
         Raises:
             StorageFull: LMDB's map is full (nothing of this call was written).
         """
+        await asyncio.shield(self._put(entries, list(replacing)))
+
+    async def _put(self, entries: Sequence[Entry], replacing: list[str]) -> None:
         gone = [i for i in replacing if i in self._infos]
         encoded = [(e.id.encode(), encode(e)) for e in entries]
         # Replaced entries stay visible until the new ones are durable: a failed write loses
@@ -192,15 +196,27 @@ class WarmTier:
             batch, self._pending = self._pending, []
             try:
                 await loop.run_in_executor(self._writer, self._write, batch)
-            except Exception as exc:  # the whole transaction was rolled back
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-            else:
-                self.commits += 1
-                for _, _, done in batch:
-                    if not done.done():
-                        done.set_result(None)
+                outcomes: list[BaseException | None] = [None] * len(batch)
+            except Exception as exc:
+                # The whole transaction rolled back: give each caller its own, so one that
+                # cannot be written (a full map) does not undo the others.
+                outcomes = [exc] if len(batch) == 1 else [
+                    await self._write_alone(item) for item in batch]
+            for (_, _, done), outcome in zip(batch, outcomes):
+                if done.done():
+                    continue
+                if outcome is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(outcome)
+
+    async def _write_alone(self, item: tuple[list[tuple[bytes, bytes]], list[bytes],
+                                               asyncio.Future[None]]) -> BaseException | None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._writer, self._write, [item])
+        except Exception as exc:
+            return exc
+        return None
 
     def _write(self, batch: list[tuple[list[tuple[bytes, bytes]], list[bytes], object]]) -> None:
         try:
@@ -210,10 +226,12 @@ class WarmTier:
                         txn.delete(key)
                     for key, value in puts:
                         txn.put(key, value)
+            self.commits += 1  # only this thread writes it
         except lmdb.MapFullError:
             raise StorageFull(
-                f"warm tier's LMDB map ({self._map_size >> 20} MiB) is full: raise "
-                "--warm-max-mib, or free disk space and restart") from None
+                f"the warm tier's LMDB map ({self._map_size >> 20} MiB) is full; nothing of this "
+                "call was written. Retry after the warm tier demotes entries to cold, or "
+                "restart with a larger --warm-max-mib") from None
 
     async def remove(self, ids: Iterable[str]) -> list[str]:
         """Removes entries; returns the ids that were here."""
@@ -222,7 +240,13 @@ class WarmTier:
             return []
         for entry_id in gone:
             self._unindex(entry_id)
-        await self._commit([], [g.encode() for g in gone])
+        try:
+            await self._commit([], [g.encode() for g in gone])
+        except Exception:
+            # Not deleted after all: let lookups see them again, as the file still has them.
+            for entry in self.read_many([g for g in gone if g not in self._infos]):
+                self._index(entry, _stored_size(len(entry.id), len(encode(entry))))
+            raise
         return gone
 
     def read_many(self, ids: Sequence[str]) -> list[Entry]:
