@@ -178,6 +178,7 @@ class BatchingEmbedder:
         # One thread: the model is not re-entrant, and torch uses the cores inside a pass.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._consumer: asyncio.Task[None] | None = None
+        self._running: list[tuple[str, asyncio.Future[np.ndarray | None]]] = []
         self._closed = False
         self.stats = EmbedStats()
 
@@ -228,6 +229,7 @@ class BatchingEmbedder:
             batch = [(t, f) for t, f in await self._next_batch() if not f.done()]  # skip cancelled
             if not batch:
                 continue
+            self._running = batch
             try:
                 vectors = await loop.run_in_executor(
                     self._executor, self.encoder.encode_whole, [t for t, _ in batch])
@@ -252,8 +254,8 @@ class BatchingEmbedder:
                 await self._consumer
             except asyncio.CancelledError:
                 pass
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
+        waiting = self._running + [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        for _, future in waiting:
             if not future.done():
                 future.set_exception(Unavailable("the server is shutting down"))
         self._executor.shutdown(wait=True)
