@@ -12,7 +12,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +66,7 @@ class ServerProcess:
     target: str
     start_s: float  # process start until the ready line
     data_dir: Path
+    pid: int
 
 
 @contextmanager
@@ -78,19 +81,24 @@ def serve(*flags: str, data_dir: Path | None = None) -> Iterator[ServerProcess]:
         with subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:
             assert process.stderr is not None
+            log: deque[str] = deque(maxlen=50)  # the server's last log lines, for errors
             try:
                 port = None
                 for line in process.stderr:
+                    log.append(line)
                     match = re.search(r"stratacache ready on [\d.]+:(\d+)", line)
                     if match:
                         port = int(match.group(1))
                         break
                 if port is None:
-                    raise RuntimeError("the server exited before it was ready")
-                yield ServerProcess(f"127.0.0.1:{port}", time.perf_counter() - started, directory)
+                    raise RuntimeError("the server exited before it was ready:\n" + "".join(log))
+                # Keep reading, or a full pipe would block the server's logging.
+                threading.Thread(target=log.extend, args=(process.stderr,), daemon=True).start()
+                yield ServerProcess(f"127.0.0.1:{port}", time.perf_counter() - started, directory,
+                                    process.pid)
             finally:
                 process.send_signal(signal.SIGTERM)
-                process.communicate(timeout=60)
+                process.wait(timeout=60)
 
 
 def percentiles_ms(seconds: Sequence[float]) -> dict[str, float]:

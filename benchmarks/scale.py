@@ -96,7 +96,7 @@ TIMEOUT = Timeout(lookup=600.0, store=120.0, admin=600.0)
 # --- data ---------------------------------------------------------------------------------------
 
 def build_corpus(pairs: list[dict], n_queries: int) -> tuple[list[str], list[str]]:
-    """(pool, queries): held-out questions and the distinct normalised questions to store.
+    """(pool, queries): the distinct normalised questions to store, and held-out questions.
 
     Queries are the ``b`` side of duplicate pairs in file order (so the first ones have their
     paraphrase ``a`` early in the pool, stored at every size); neither they nor any variant of
@@ -255,7 +255,7 @@ async def fill(target: str, texts: list[str], response: bytes, concurrency: int,
                             raise
                         retries += 1
                         await asyncio.sleep(0.05 * 2 ** attempt)
-            except BaseException as exc:  # noqa: BLE001 - reported after the step
+            except Exception as exc:  # noqa: BLE001 - reported after the step
                 errors.append(exc)
             finally:
                 semaphore.release()
@@ -326,7 +326,7 @@ def hot_phase(client: Client, data_dir: Path, size: int, queries: list[str], n_t
     for prompt in tqdm(flush, desc=f"hot {size:,}: fill the stage window", unit="call",
                        leave=False):
         results.append(client.lookup(prompt, namespace=NAMESPACE, scope=SCOPE, min_similarity=0.0))
-    # warm-up results are not returned by lookups(); redo them here for recall
+    # (lookups() leaves its warm-up calls out of what it returns: recall counts the rest)
     durations, timed_results = lookups(client, warmup, timed, 0.0, f"hot {size:,}: timed")
     seconds = time.perf_counter() - started
     stats = client.stats()
@@ -369,13 +369,16 @@ def restart_phase(kind: str, flags: list[str], copy: Path, size: int, queries: l
         ready = time.perf_counter() - started
         settle = 0.0
         if kind == "cold":  # wait for the start-up demotion to finish
-            t0, last, same = time.perf_counter(), -1, 0
+            # Poll every 0.5 s until the count has not moved for 3 polls; the demotion ended
+            # by the first poll that saw the final count (0.5 s resolution).
+            t0, last, same, settle = time.perf_counter(), -1, 0, 0.0
             while same < 3 and time.perf_counter() - t0 < 3600:
                 time.sleep(0.5)
                 cold = client.stats()["cold"]["entries"]
-                same = same + 1 if cold == last else 0
-                last = cold
-            settle = time.perf_counter() - t0 - 1.5  # less the 3 polls that saw no change
+                if cold == last:
+                    same += 1
+                else:
+                    same, last, settle = 0, cold, time.perf_counter() - t0
         before = client.stats()
         timed = queries[:n_timed]
         durations, results = lookups(client, queries[n_timed:n_timed + WARMUP], timed, 1.0,
@@ -434,7 +437,7 @@ def size_table(r: dict[str, Any]) -> str:
         s = p[f"search_{kind}"]
         note = f"restart, start {p['start_s']:.1f} s"
         if kind == "cold":
-            note += f", demotion {p['demotion_settle_s']:.1f} s after ready"
+            note += f", demotion done <= {p['demotion_settle_s']:.1f} s after ready"
         per_entry = (f"{p['cold_bytes_per_entry']:,} (cold)" if kind == "cold" else "-")
         rows.append([kind, s.get("window", 0), fmt(s, "p50_ms"), fmt(s, "p99_ms"),
                      p50_p99(p["server"]),
@@ -685,6 +688,7 @@ def main(argv: list[str] | None = None) -> int:
                 fl = step["fill"]
                 print(f"\n== {size:,} entries in one partition ==")
                 print(machine_line)
+                print(params_line)
                 print(f"fill {size - fl['added']:,} -> {size:,}: {fl['added']:,} stores in "
                       f"{fl['store_s']:.1f} s = {fl['store_per_s']:.0f} entries/s "
                       f"({fl['store_s_per_1000']:.2f} s per 1,000; {fl['retries']} retries)"

@@ -36,6 +36,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 import time
@@ -187,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     t0 = time.perf_counter()
     from stratacache.embed import Encoder
 
-    encoder = Encoder(args.model, device="auto")
+    encoder = Encoder(args.model, device="auto", threads=os.cpu_count() or 1)  # bulk: all cores
     timings["load_model"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

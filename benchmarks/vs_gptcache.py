@@ -238,6 +238,8 @@ async def _store_all(target: str, items: list[tuple[str, str, str, dict[str, str
                 nonlocal retries
                 async with semaphore:
                     for attempt in range(STORE_RETRIES + 1):
+                        if failures:  # stop early: the run is void without every entry
+                            break
                         try:
                             await client.store(prompt, answer, namespace=namespace, scope=scope)
                             break
@@ -255,9 +257,12 @@ async def _store_all(target: str, items: list[tuple[str, str, str, dict[str, str
             started = time.perf_counter()
             await asyncio.gather(*(one(*item) for item in items))
             wall = time.perf_counter() - started
+    if failures:
+        raise RuntimeError(
+            f"{desc}: stratacache failed a store ({failures[0]}); both caches must hold every "
+            "entry for the comparison to mean anything, so the run stops here")
     return {"stores": len(items), "wall_s": wall, "per_s": len(items) / wall if wall else None,
-            "concurrency": concurrency, "overload_retries": retries,
-            "failed": len(failures), "failures_first": failures[:5]}
+            "concurrency": concurrency, "overload_retries": retries, "failed": 0}
 
 
 async def _lookup_all(target: str, items: list[tuple[str, str, dict[str, str] | None]],
@@ -633,6 +638,42 @@ def _ci(w: dict[str, object]) -> str:
     return "-" if w["value"] is None else f"{w['value']:.3f} [{w['low']:.3f},{w['high']:.3f}]"
 
 
+def _anomalies(strata: dict[str, object], gpt: dict[str, object], stored: int) -> list[str]:
+    """What would make the figures mean less than they seem: errors, evictions, strays."""
+    out = []
+    sc, gc = strata["crowded"], gpt["crowded"]
+    if sc["lookup_errors"]:
+        out.append(f"stratacache: {sc['lookup_errors']} crowded lookups failed (counted as "
+                   f"misses), first: {sc['lookup_errors_first'][0]}")
+    held = sc["entries_after_lookups"]["warm"] + sc["entries_after_lookups"]["cold"]
+    if held != stored:
+        out.append(f"stratacache holds {held} crowded entries on disk, not {stored}")
+    if sc["hits_whose_answer_text_disagrees_with_matched_prompt"]:
+        out.append("stratacache: some hits' answer text disagrees with matched_prompt")
+    if gc["lookup_errors"] or gc["store"]["errors"]:
+        out.append(f"GPTCache: {gc['store']['errors']} puts and {gc['lookup_errors']} gets "
+                   "raised")
+    for when in ("entries_after_store", "entries_after_lookups"):
+        counts = gc[when]
+        if counts["sqlite_rows"] != stored or counts["faiss_vectors"] != stored:
+            out.append(f"GPTCache {when.replace('_', ' ')}: {counts} for {stored} puts "
+                       "(eviction, lost or duplicate entries)")
+    if gc["answers_not_from_this_run"]:
+        out.append(f"GPTCache served {gc['answers_not_from_this_run']} answers not stored here")
+    if gpt["log_warnings_and_errors"]["count"]:
+        out.append(f"GPTCache logged {gpt['log_warnings_and_errors']['count']} warnings/errors, "
+                   f"first: {gpt['log_warnings_and_errors']['first'][0]}")
+    for name, result in (("stratacache", strata), ("GPTCache", gpt)):
+        pair = result["pair"]
+        if pair.get("run"):
+            errors = pair.get("lookup_errors", pair.get("errors", 0))
+            if errors:
+                out.append(f"{name} pair protocol: {errors} failed calls (counted as misses)")
+            if pair["metrics"]["served_an_entry_other_than_a"]:
+                out.append(f"{name} pair protocol served an entry other than the pair's a")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
@@ -657,6 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     host = machine()
     n_dup = sum(p.duplicate for p in pairs)
+    anomalies = _anomalies(strata, gpt, len(stored))
     rows, pair_rows = [], []
     for name, result, label in (
             ("stratacache", strata, f"{strata['threshold_cosine']:.2f} (server default)"),
@@ -711,6 +753,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         "systems": {"stratacache": strata, "gptcache": gpt},
         "gptcache_model_load_s": round(load_model_s, 2),
+        "warnings": anomalies,
         "elapsed_s": round(elapsed, 1),
     }
     path = write_json("vs_gptcache", report, args.out)
@@ -740,6 +783,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{gpt['threshold_check']['max_abs_difference_between_2score_minus_1_and_cosine']:.2e}")
     print("lookup latency: client side, sequential; stratacache over loopback gRPC, GPTCache "
           "in-process")
+    for line in anomalies:
+        print(f"WARNING : {line}")
     print(f"elapsed : {elapsed:.1f} s")
     print(f"written : {path}")
     return 0

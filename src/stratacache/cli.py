@@ -77,6 +77,9 @@ SERVE_FLAGS = (
           "ms to wait for a batch to fill once the model is free (0 = no wait: lowest latency)"),
     _Flag("embed_max_queue", int, config.DEFAULT_EMBED_MAX_QUEUE,
           "most texts waiting to be embedded; beyond it calls get RESOURCE_EXHAUSTED"),
+    _Flag("embed_threads", int, config.DEFAULT_EMBED_THREADS,
+          "torch threads per embedding pass on the CPU; 0 = cores - 1 (at least 1), leaving a "
+          "core to the event loop"),
     _Flag("sweep_interval_s", float, config.DEFAULT_SWEEP_INTERVAL_S,
           "seconds between sweeps that free expired entries (expired ones are never served)"),
     _Flag("max_concurrent_rpcs", int, config.DEFAULT_MAX_CONCURRENT_RPCS,
@@ -124,7 +127,8 @@ async def serve(settings: Settings) -> None:
     from .service import CacheServer
 
     started = time.perf_counter()
-    encoder = await asyncio.to_thread(Encoder, settings.model, device=settings.device)
+    encoder = await asyncio.to_thread(Encoder, settings.model, device=settings.device,
+                                      threads=settings.embed_threads)
     engine = await Engine.open(settings, encoder)
     try:
         server = CacheServer(engine, settings)

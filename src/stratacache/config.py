@@ -52,6 +52,10 @@ DEFAULT_COLD_MAX_BYTES = 0
 DEFAULT_EMBED_MAX_BATCH = 32
 DEFAULT_EMBED_MAX_WAIT_MS = 0.0
 DEFAULT_EMBED_MAX_QUEUE = 1024
+#: Threads torch uses inside one forward pass; 0 = one fewer than the cores (at least one), so
+#: the event loop and gRPC keep a core: on a busy 2-core machine two torch threads stalled
+#: single-text passes for ~0.5 s (benchmarks/README.md).
+DEFAULT_EMBED_THREADS = 0
 
 #: Seconds between sweeps that remove expired entries (lookups never serve an expired entry,
 #: sweeps only reclaim space).
@@ -84,6 +88,7 @@ class Settings:
     embed_max_batch: int = DEFAULT_EMBED_MAX_BATCH
     embed_max_wait_ms: float = DEFAULT_EMBED_MAX_WAIT_MS
     embed_max_queue: int = DEFAULT_EMBED_MAX_QUEUE
+    embed_threads: int = DEFAULT_EMBED_THREADS
     sweep_interval_s: float = DEFAULT_SWEEP_INTERVAL_S
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
@@ -106,6 +111,8 @@ class Settings:
             problems.append(f"warm_max_bytes must be at least 1 MiB, got {self.warm_max_bytes}")
         if self.cold_max_bytes < 0:
             problems.append(f"cold_max_bytes must be >= 0 (0 = unbounded), got {self.cold_max_bytes}")
+        if self.embed_threads < 0:
+            problems.append(f"embed_threads must be >= 0 (0 = auto), got {self.embed_threads}")
         if self.embed_max_wait_ms < 0 or self.sweep_interval_s <= 0 or self.shutdown_grace_s < 0:
             problems.append("embed_max_wait_ms and shutdown_grace_s must be >= 0, sweep_interval_s > 0")
         if problems:

@@ -104,10 +104,15 @@ def pick_device(device: str) -> str:
 class Encoder:
     """One loaded sentence-transformers model. ``encode`` blocks: call it off the event loop."""
 
-    def __init__(self, model: str = "default", *, device: str = "auto") -> None:
+    def __init__(self, model: str = "default", *, device: str = "auto", threads: int = 0) -> None:
+        """Loads ``model`` (a folder, or "default") on ``device``. ``threads``: torch threads
+        per pass (process-wide); 0 = one fewer than the cores, at least one."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        import torch
         from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
 
         path = resolve_model_path(model)
         self.device = pick_device(device)

@@ -392,7 +392,7 @@ class Engine:
     async def _demote_warm(self) -> None:
         """Moves warm's least recently used entries to cold until warm is under its watermark."""
         while self.warm.over_budget():
-            ids = [i for i in self.warm.coldest()[:DEMOTION_BATCH] if i not in self._moving]
+            ids = self.warm.coldest(DEMOTION_BATCH, skip=self._moving)
             if not ids:
                 return
             moves = {e.id: _Move(e) for e in self.warm.read_many(ids)}

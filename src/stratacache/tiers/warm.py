@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -145,13 +145,16 @@ class WarmTier:
     def over_budget(self) -> bool:
         return self.bytes > self.max_bytes
 
-    def coldest(self) -> list[str]:
-        """Least recently used ids to move out so the tier falls to its low watermark."""
+    def coldest(self, limit: int, skip: Container[str] = ()) -> list[str]:
+        """Up to ``limit`` least recently used ids (not in ``skip``) to move out so the tier
+        falls to its low watermark; walks no further than it returns."""
         target = self.bytes - int(self.max_bytes * LOW_WATERMARK)
         chosen, freed = [], 0
         for entry_id in self._recency:
-            if freed >= target:
+            if freed >= target or len(chosen) >= limit:
                 break
+            if entry_id in skip:
+                continue
             chosen.append(entry_id)
             freed += self._infos[entry_id].size
         return chosen
