@@ -33,7 +33,9 @@ embedding function returned.
 **stratacache** runs as a real server (``_common.serve()``, temporary data directory, every
 flag at its default, so its default ``--min-similarity``; lookups pass no ``min_similarity``),
 reached through ``stratacache.AsyncClient`` (stores, ``--concurrency`` in flight) and
-``stratacache.Client`` (timed lookups, sequential).
+``stratacache.Client`` (timed lookups, sequential). A store it fails stops the run: both caches
+must hold every entry. Lookup errors count as misses (as a gateway would treat them) and, like
+GPTCache errors, evictions or stray entries, are reported as warnings.
 
 Protocols, identical for both systems:
 
@@ -258,6 +260,9 @@ async def _store_all(target: str, items: list[tuple[str, str, str, dict[str, str
             await asyncio.gather(*(one(*item) for item in items))
             wall = time.perf_counter() - started
     if failures:
+        # Stop rather than go on: besides voiding the comparison, a failing server logs a
+        # traceback per call, and serve() does not read the server's stderr after its ready
+        # line, so once the pipe fills the server blocks on its next log write.
         raise RuntimeError(
             f"{desc}: stratacache failed a store ({failures[0]}); both caches must hold every "
             "entry for the comparison to mean anything, so the run stops here")

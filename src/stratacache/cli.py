@@ -78,8 +78,8 @@ SERVE_FLAGS = (
     _Flag("embed_max_queue", int, config.DEFAULT_EMBED_MAX_QUEUE,
           "most texts waiting to be embedded; beyond it calls get RESOURCE_EXHAUSTED"),
     _Flag("embed_threads", int, config.DEFAULT_EMBED_THREADS,
-          "torch threads per embedding pass on the CPU; 0 = cores - 1 (at least 1), leaving a "
-          "core to the event loop"),
+          "torch threads per embedding pass on the CPU; 0 = torch's default (one per core, "
+          "fastest on a host of its own); 1 is steadier on a host shared with busy processes"),
     _Flag("sweep_interval_s", float, config.DEFAULT_SWEEP_INTERVAL_S,
           "seconds between sweeps that free expired entries (expired ones are never served)"),
     _Flag("max_concurrent_rpcs", int, config.DEFAULT_MAX_CONCURRENT_RPCS,

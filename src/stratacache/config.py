@@ -52,9 +52,10 @@ DEFAULT_COLD_MAX_BYTES = 0
 DEFAULT_EMBED_MAX_BATCH = 32
 DEFAULT_EMBED_MAX_WAIT_MS = 0.0
 DEFAULT_EMBED_MAX_QUEUE = 1024
-#: Threads torch uses inside one forward pass; 0 = one fewer than the cores (at least one), so
-#: the event loop and gRPC keep a core: on a busy 2-core machine two torch threads stalled
-#: single-text passes for ~0.5 s (benchmarks/README.md).
+#: Threads torch uses inside one forward pass; 0 = torch's default (one per core), fastest on a
+#: host of its own (one text: 8.7 ms with 2 threads, 16 ms with 1 on the 2-core machines here).
+#: On a host shared with other busy processes set 1: there, torch's spinning threads stalled
+#: single-text passes for up to ~0.5 s.
 DEFAULT_EMBED_THREADS = 0
 
 #: Seconds between sweeps that remove expired entries (lookups never serve an expired entry,

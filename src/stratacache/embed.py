@@ -106,13 +106,14 @@ class Encoder:
 
     def __init__(self, model: str = "default", *, device: str = "auto", threads: int = 0) -> None:
         """Loads ``model`` (a folder, or "default") on ``device``. ``threads``: torch threads
-        per pass (process-wide); 0 = one fewer than the cores, at least one."""
+        per pass (process-wide); 0 leaves torch's default (one per core)."""
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import torch
         from sentence_transformers import SentenceTransformer
 
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 2) - 1))
+        if threads:
+            torch.set_num_threads(threads)
 
         path = resolve_model_path(model)
         self.device = pick_device(device)
