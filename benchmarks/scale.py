@@ -545,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
                              "machine")
     parser.add_argument("--server-args", default="",
                         help='extra serve flags for every server, e.g. "--hnsw-ef-search 128"')
+    parser.add_argument("--stage-lookups", type=int, default=WINDOW,
+                        help="lookups per size; the default fills the server's per-stage "
+                             "window, so its percentiles cover one size only")
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json", help="JSON path")
     parser.add_argument("--plot", type=Path, default=RESULTS / "scale.png", help="PNG path")
     args = parser.parse_args(argv)
@@ -556,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no size left at or below --max")
     largest = sizes[-1]
     n_timed = args.queries
-    n_queries = max(n_timed + WARMUP, WINDOW)  # enough lookups per size to fill stage windows
+    # Enough lookups per size to fill the server's stage windows, so their percentiles describe
+    # this size alone (--stage-lookups lowers it for quick checks).
+    n_queries = max(n_timed + WARMUP, args.stage_lookups)
 
     from stratacache.embed import Encoder
 

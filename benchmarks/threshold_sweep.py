@@ -47,10 +47,8 @@ import numpy as np
 
 from ._common import DEFAULT_DATA, RESULTS, machine
 from ._quality import (EXACT_TEXT_NOTE, SELECTION_RULE, Pair, choose_threshold, crowded_rows,
-                       duplicate_clusters, format_table, judge, load_pairs, pair_rows,
-                       parse_thresholds, wilson)
-
-__all__ = ["duplicate_clusters", "judge", "wilson"]  # re-exported for other benchmarks
+                       format_table, load_pairs, pair_rows,
+                       parse_thresholds)
 
 DEFAULT_OUT = RESULTS / "threshold_sweep.json"
 DEFAULT_THRESHOLDS = "0.70:0.99:0.01"

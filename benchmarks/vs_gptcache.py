@@ -41,7 +41,7 @@ Protocols, identical for both systems:
 
 * **crowded**: every distinct ``a`` is stored with the answer ``"answer to: " + a``; every pair's
   ``b`` is looked up (one lookup per pair). The served entry is identified by its answer text
-  (GPTCache) or by ``matched_prompt`` (stratacache), and judged with ``threshold_sweep.judge``
+  (GPTCache) or by ``matched_prompt`` (stratacache), and judged with ``_quality.judge``
   over the duplicate clusters of the pairs used: correct / wrong / unlabelled. Reported: labelled
   precision correct / (correct + wrong), strict precision correct / hits, recall (correct hits on
   duplicate pairs / duplicate pairs), hit rate and wrong-hit rate (wrong hits / lookups), each
@@ -70,7 +70,6 @@ import importlib.metadata
 import inspect
 import logging
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -81,9 +80,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ._common import (DEFAULT_DATA, RESULTS, load_pairs, machine, percentiles_ms, serve, table,
+from ._common import (DEFAULT_DATA, RESULTS, machine, percentiles_ms, serve, table,
                       write_json)
-from .threshold_sweep import Pair, duplicate_clusters, judge, wilson
+from ._quality import Pair, duplicate_clusters, judge, wilson
+from ._quality import load_pairs as load_labelled_pairs
 
 DEFAULT_OUT = RESULTS / "vs_gptcache.json"
 ANSWER_PREFIX = "answer to: "
@@ -147,11 +147,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def select_pairs(path: Path, limit: int, seed: int) -> tuple[list[Pair], int]:
     """The first ``limit`` pairs after a shuffle seeded by ``seed`` (the same selection as
-    ``threshold_sweep --limit N --seed S``), and how many the file holds."""
-    rows = load_pairs(path)
-    pairs = [Pair(r["a"], r["b"], bool(r["duplicate"])) for r in rows]
-    random.Random(seed).shuffle(pairs)
-    return (pairs[:limit] if limit else pairs), len(rows)
+    ``threshold_sweep`` and ``hit_quality`` with ``--limit N --seed S``), and how many the file
+    holds."""
+    return load_labelled_pairs(path, limit or None, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,10 +738,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "method": {
             "crowded": "store every distinct a (answer 'answer to: ' + a); look up every "
                        "pair's b once; served entry identified by matched_prompt (stratacache) "
-                       "or answer text (GPTCache); judged with threshold_sweep.judge on the "
+                       "or answer text (GPTCache); judged with _quality.judge on the "
                        "duplicate clusters and non-duplicate labels of the pairs used",
             "pair": "for each pair, a cache holding only a is asked for b",
-            "confidence_intervals": "95% Wilson score intervals (threshold_sweep.wilson)",
+            "confidence_intervals": "95% Wilson score intervals (_quality.wilson)",
             "lookup_latency": "client side, sequential, after 10 warm-up lookups; stratacache "
                               "through stratacache.Client over loopback gRPC to a server "
                               "process (embedding in the server), GPTCache an in-process "

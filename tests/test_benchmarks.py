@@ -45,3 +45,28 @@ def test_threshold_sweep_runs_on_a_small_slice(tmp_path: Path) -> None:
     assert [row["threshold"] for row in report["pair"]] == [0.8, 0.9, 0.95]
     assert report["data"]["pairs_used"] == 60
     assert "rule" in report["selection"]
+
+
+def test_scale_benchmark_runs_on_a_small_size(tmp_path: Path) -> None:
+    from benchmarks import scale
+
+    out, plot = tmp_path / "scale.json", tmp_path / "scale.png"
+    assert scale.main(["--data", str(QQP), "--sizes", "300", "--max", "300", "--queries", "10",
+                       "--cold-queries", "5", "--stage-lookups", "20", "--reference", "stored",
+                       "--out", str(out), "--plot", str(plot)]) == 0
+    report = json.loads(out.read_text())
+    [size] = report["sizes"]
+    assert size["size"] == 300 and size["hot"]["hot_entries"] == 300
+    assert 0.9 <= size["hot"]["recall_at_1"] <= 1.0
+    assert plot.stat().st_size > 10_000
+
+
+def test_vs_gptcache_runs_on_a_small_slice(tmp_path: Path) -> None:
+    from benchmarks import vs_gptcache
+
+    out = tmp_path / "vs.json"
+    assert vs_gptcache.main(["--data", str(QQP), "--limit", "30", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for system in ("stratacache", "gptcache"):
+        crowded = report["systems"][system]["crowded"]
+        assert crowded["lookup_errors"] == 0 and any(crowded["entries_after_store"].values())
