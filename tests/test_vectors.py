@@ -31,7 +31,6 @@ def test_add_remove_search_match_numpy() -> None:
     assert [c.entry_id for c in found] == [f"id{i}" for i in expected]
     np.testing.assert_allclose([c.similarity for c in found],
                                [vectors[i] @ query for i in expected], rtol=1e-5)
-    np.testing.assert_array_equal(matrix.vector("id1"), vectors[1])
     assert asyncio.run(matrix.search_off_loop(query, 5)) == found
     assert VectorMatrix(97).search(query, 5) == []
 

@@ -6,7 +6,6 @@ Every knob is a keyword with a named default below, so the defaults are document
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +117,3 @@ class Settings:
             problems.append("embed_max_wait_ms and shutdown_grace_s must be >= 0, sweep_interval_s > 0")
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
-
-    def replace(self, **changes: object) -> "Settings":
-        """A copy with some fields changed (tests and benchmarks use this)."""
-        return dataclasses.replace(self, **changes)

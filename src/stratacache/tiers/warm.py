@@ -135,10 +135,6 @@ class WarmTier:
         if entry_id in self._recency:
             self._recency.move_to_end(entry_id)
 
-    def vector(self, entry_id: str) -> np.ndarray:
-        info = self._infos[entry_id]
-        return self._partitions[info.partition].vector(entry_id)
-
     def ids_where(self, predicate: Callable[[EntryInfo], bool]) -> list[str]:
         return [i.id for i in self._infos.values() if predicate(i)]
 
