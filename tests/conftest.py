@@ -102,3 +102,27 @@ _namespaces = itertools.count()
 def namespace() -> str:
     """A namespace of this test's own."""
     return f"test-{next(_namespaces)}"
+
+
+@pytest.fixture(scope="session")
+def verifier_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real cross-encoder folder: the default model's BERT encoder with a fresh one-output
+    head (seeded), as `stratacache tune` starts from. Untrained: tests that need its scores to
+    mean something set thresholds at the ends of [0, 1]."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from stratacache.embed import resolve_model_path
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("verifier")
+    CrossEncoder(str(resolve_model_path("default")), num_labels=1, device="cpu",
+                 local_files_only=True).save(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def verifier(verifier_folder: Path):  # type: ignore[no-untyped-def]
+    from stratacache.verify import Verifier
+
+    return Verifier(verifier_folder, device="cpu")

@@ -1,4 +1,5 @@
-"""The ``stratacache`` command: ``stratacache serve`` runs the gRPC server.
+"""The ``stratacache`` command: ``serve`` runs the gRPC server; ``tune``, ``reindex`` and
+``calibrate`` are tools around it (each in its own module).
 
 Every flag has an environment variable twin (``--data-dir`` <-> ``STRATACACHE_DATA_DIR``); a
 flag given on the command line wins over its variable.
@@ -89,6 +90,25 @@ SERVE_FLAGS = (
     _Flag("api_key", str, None,
           "require 'authorization: Bearer <key>' on every call but health checks (prefer the "
           "environment variable: command lines are visible to other users)"),
+    _Flag("verifier", str, None,
+          "verifier folder (OUT/verifier from `stratacache tune`, or any sentence-transformers "
+          "CrossEncoder folder): semantic candidates are verified by it before they are served; "
+          "unset = no verification"),
+    _Flag("verify_gate", float, config.DEFAULT_VERIFY_GATE,
+          "with a verifier: cosine similarity a candidate needs to be verified at all"),
+    _Flag("verify_threshold", float, config.DEFAULT_VERIFY_THRESHOLD,
+          "with a verifier: score in [0, 1] a hit needs when its namespace sets no wrong-hit bound"),
+    _Flag("verify_candidates", int, config.DEFAULT_VERIFY_CANDIDATES,
+          "with a verifier: most candidates per tier it scores (each costs one model pass)"),
+    _Flag("verify_max_batch", int, config.DEFAULT_VERIFY_MAX_BATCH,
+          "with a verifier: most pairs per verifier pass"),
+    _Flag("max_wrong_rate", float, None,
+          "default wrong-hit bound for namespaces that set none, in (0, 1), e.g. 0.01: the "
+          "threshold is calibrated on each namespace's labelled evidence (`stratacache "
+          "calibrate`, feedback) so the 95 percent upper bound stays within it; unset = thresholds"),
+    _Flag("feedback_evict_after", int, config.DEFAULT_FEEDBACK_EVICT_AFTER,
+          "wrong reports (Feedback) after which an entry is deleted; 0 = never (each report "
+          "already vetoes the entry for prompts like the reported one)"),
     _Flag("log_level", str, "info", "debug, info, warning or error"),
 )
 
@@ -111,12 +131,32 @@ def build_parser() -> argparse.ArgumentParser:
         default = os.environ.get(flag.env, None if flag.default is None else str(flag.default))
         serve.add_argument(flag.option, type=flag.type, default=default,
                            help=f"{flag.help} [env {flag.env}]")
+    _add_tool(commands, "tune", "train a verifier (and optionally an embedder) on labelled pairs",
+              "stratacache.tune")
+    _add_tool(commands, "reindex",
+              "re-embed a data directory with another embedding model", "stratacache.reindex")
+    _add_tool(commands, "calibrate",
+              "send labelled pairs to a running server as a namespace's calibration evidence",
+              "stratacache.calibrate")
     return parser
+
+
+def _add_tool(commands: Any, name: str, summary: str, module: str) -> None:
+    """A subcommand whose flags and work live in ``module`` (``add_arguments``, ``run``)."""
+    import importlib
+
+    tool = importlib.import_module(module)
+    parser = commands.add_parser(name, help=summary, description=(tool.__doc__ or summary).strip(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    tool.add_arguments(parser)
+    parser.set_defaults(run=tool.run)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {_SETTINGS_FIELD.get(f.field, f.field): getattr(args, f.field)
               for f in SERVE_FLAGS if f.field != "log_level"}
+    if values["verifier"] == "":
+        values["verifier"] = None
     return Settings(**values)
 
 
@@ -129,7 +169,12 @@ async def serve(settings: Settings) -> None:
     started = time.perf_counter()
     encoder = await asyncio.to_thread(Encoder, settings.model, device=settings.device,
                                       threads=settings.embed_threads)
-    engine = await Engine.open(settings, encoder)
+    verifier = None
+    if settings.verifier is not None:
+        from .verify import Verifier
+
+        verifier = await asyncio.to_thread(Verifier, settings.verifier, device=settings.device)
+    engine = await Engine.open(settings, encoder, verifier=verifier)
     try:
         server = CacheServer(engine, settings)
     except BaseException:
@@ -156,8 +201,15 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(),
+                                      logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command != "serve":
+        try:
+            return int(args.run(args))
+        except (CacheError, OSError) as exc:
+            log.error("%s", exc)
+            return 2
     try:
         settings = settings_from_args(args)
     except ValueError as exc:

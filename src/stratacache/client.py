@@ -17,7 +17,7 @@ A gateway should treat every error of a Lookup as a miss: the cache is an optimi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
@@ -97,6 +97,10 @@ class Timeout:
 
 
 _TIERS = {pb.TIER_EXACT: "exact", pb.TIER_HOT: "hot", pb.TIER_WARM: "warm", pb.TIER_COLD: "cold"}
+_MISS_REASONS = {v: k.removeprefix("MISS_REASON_").lower()
+                 for k, v in pb.MissReason.items() if v != pb.MISS_REASON_UNSPECIFIED}
+#: Labelled pairs sent per AddEvidence call (the server takes at most 10000).
+EVIDENCE_BATCH = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,10 @@ class LookupResult:
         age_s: seconds since the matched entry was stored.
         best_similarity: on a miss, the closest candidate's similarity (0.0 if none).
         server_time_us: the server's own time on the call, microseconds.
+        verifier_score: on a verified hit, the verifier's score in [0, 1]; else None.
+        miss_reason: on a miss, why: "no_candidate", "below_similarity",
+            "rejected_by_verifier", "vetoed", "uncalibrated", "other_scope" or "too_long";
+            "" on a hit.
     """
 
     hit: bool
@@ -124,6 +132,8 @@ class LookupResult:
     age_s: float
     best_similarity: float
     server_time_us: int
+    verifier_score: float | None = None
+    miss_reason: str = ""
 
     @property
     def text(self) -> str:
@@ -135,7 +145,9 @@ def _lookup_result(r: pb.LookupResponse) -> LookupResult:
     return LookupResult(hit=r.hit, response=r.response, similarity=r.similarity,
                         matched_prompt=r.matched_prompt, entry_id=r.entry_id,
                         tier=_TIERS.get(r.tier, ""), age_s=r.age_s,
-                        best_similarity=r.best_similarity, server_time_us=r.server_time_us)
+                        best_similarity=r.best_similarity, server_time_us=r.server_time_us,
+                        verifier_score=r.verifier_score if r.HasField("verifier_score") else None,
+                        miss_reason=_MISS_REASONS.get(r.miss_reason, ""))
 
 
 def _stats(r: pb.StatsResponse) -> dict[str, Any]:
@@ -152,6 +164,8 @@ def _to_dict(message: Message) -> dict[str, Any]:
                                for k, v in value.items()}
         elif field.message_type is not None:
             out[field.name] = _to_dict(value)
+        elif getattr(field, "has_presence", False) and not message.HasField(field.name):
+            out[field.name] = None
         else:
             out[field.name] = value
     return out
@@ -227,6 +241,35 @@ class _BaseClient:
     def _stats_call(self, timeout: float | None) -> _Call:
         return self._admin("Stats", pb.StatsRequest(), _stats, timeout)
 
+    def _feedback(self, entry_id: str, prompt: str, correct: bool, namespace: str,
+                  timeout: float | None) -> _Call:
+        request = pb.FeedbackRequest(namespace=namespace, entry_id=entry_id, prompt=prompt,
+                                     correct=correct)
+        return _Call("cache", "Feedback", request, _to_dict, timeout or self._timeout.store)
+
+    def _set_policy(self, namespace: str, max_wrong_rate: float | None,
+                    min_similarity: float | None, verify: bool | None, clear_evidence: bool,
+                    timeout: float | None) -> _Call:
+        return self._admin("SetPolicy", pb.SetPolicyRequest(
+            namespace=namespace, max_wrong_rate=max_wrong_rate, min_similarity=min_similarity,
+            verify=verify, clear_evidence=clear_evidence), _to_dict, timeout)
+
+    def _get_policy(self, namespace: str, timeout: float | None) -> _Call:
+        return self._admin("GetPolicy", pb.GetPolicyRequest(namespace=namespace), _to_dict,
+                           timeout)
+
+    def _add_evidence(self, namespace: str, pairs: Iterable[tuple[str, str, bool]],
+                      timeout: float | None) -> list[_Call]:
+        rows = [pb.LabelledPair(a=a, b=b, duplicate=bool(d)) for a, b, d in pairs]
+        return [self._admin("AddEvidence", pb.AddEvidenceRequest(
+                    namespace=namespace, pairs=rows[i:i + EVIDENCE_BATCH]), _to_dict, timeout)
+                for i in range(0, max(len(rows), 1), EVIDENCE_BATCH)]
+
+
+def _evidence_total(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    return {"added": sum(r["added"] for r in replies), "skipped": sum(r["skipped"] for r in replies),
+            "policy": replies[-1]["policy"] if replies else None}
+
 
 class Client(_BaseClient):
     """Blocking client. ``Client(target="127.0.0.1:50551", api_key=None)``; close it, or use it
@@ -285,6 +328,40 @@ class Client(_BaseClient):
 
     def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         return self._send(self._stats_call(timeout))
+
+    def feedback(self, entry_id: str, prompt: str, correct: bool, *, namespace: str = "default",
+                 timeout: float | None = None) -> dict[str, Any]:
+        """Reports whether serving ``entry_id`` for ``prompt`` was right; returns
+        ``{"entry_deleted": bool, "policy": {...}}``. Raises NotFoundError when the entry is
+        gone."""
+        return self._send(self._feedback(entry_id, prompt, correct, namespace, timeout))
+
+    def set_policy(self, namespace: str, *, max_wrong_rate: float | None = None,
+                   min_similarity: float | None = None, verify: bool | None = None,
+                   clear_evidence: bool = False, timeout: float | None = None) -> dict[str, Any]:
+        """Replaces the namespace's policy (None = server default); returns its status (see
+        :meth:`get_policy`)."""
+        return self._send(self._set_policy(namespace, max_wrong_rate, min_similarity, verify,
+                                           clear_evidence, timeout))
+
+    def get_policy(self, namespace: str = "default", *,
+                   timeout: float | None = None) -> dict[str, Any]:
+        """The policy, the rule in force (``threshold`` None: exact hits only), the evidence
+        behind it and the bound it promises (fields of ``stratacache.v1.PolicyStatus``)."""
+        return self._send(self._get_policy(namespace, timeout))
+
+    def add_evidence(self, namespace: str, pairs: Iterable[tuple[str, str, bool]], *,
+                     progress: Callable[[int], None] | None = None,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """Adds labelled ``(stored prompt, lookup prompt, right to serve)`` pairs as calibration
+        evidence, in calls of EVIDENCE_BATCH; ``progress(n)`` after each. Returns
+        ``{"added", "skipped", "policy"}``."""
+        replies = []
+        for call in self._add_evidence(namespace, pairs, timeout):
+            replies.append(self._send(call))
+            if progress is not None:
+                progress(len(call.request.pairs))
+        return _evidence_total(replies)
 
     def close(self) -> None:
         self._channel.close()
@@ -350,6 +427,31 @@ class AsyncClient(_BaseClient):
 
     async def stats(self, *, timeout: float | None = None) -> dict[str, Any]:
         return await self._send(self._stats_call(timeout))
+
+    async def feedback(self, entry_id: str, prompt: str, correct: bool, *,
+                       namespace: str = "default", timeout: float | None = None) -> dict[str, Any]:
+        return await self._send(self._feedback(entry_id, prompt, correct, namespace, timeout))
+
+    async def set_policy(self, namespace: str, *, max_wrong_rate: float | None = None,
+                         min_similarity: float | None = None, verify: bool | None = None,
+                         clear_evidence: bool = False,
+                         timeout: float | None = None) -> dict[str, Any]:
+        return await self._send(self._set_policy(namespace, max_wrong_rate, min_similarity,
+                                                 verify, clear_evidence, timeout))
+
+    async def get_policy(self, namespace: str = "default", *,
+                         timeout: float | None = None) -> dict[str, Any]:
+        return await self._send(self._get_policy(namespace, timeout))
+
+    async def add_evidence(self, namespace: str, pairs: Iterable[tuple[str, str, bool]], *,
+                           progress: Callable[[int], None] | None = None,
+                           timeout: float | None = None) -> dict[str, Any]:
+        replies = []
+        for call in self._add_evidence(namespace, pairs, timeout):
+            replies.append(await self._send(call))
+            if progress is not None:
+                progress(len(call.request.pairs))
+        return _evidence_total(replies)
 
     async def close(self) -> None:
         await self._channel.close()

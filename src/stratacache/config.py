@@ -67,6 +67,18 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
 #: Calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED at once.
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 
+#: Verification (with --verifier): candidates need this cosine to be verified at all (a loose
+#: gate: the verifier, not the cosine, decides), and the verifier's score must reach
+#: DEFAULT_VERIFY_THRESHOLD when the namespace sets no wrong-hit bound. Only the best
+#: DEFAULT_VERIFY_CANDIDATES candidates of a tier are verified: each costs one cross-encoder pass.
+DEFAULT_VERIFY_GATE = 0.80
+DEFAULT_VERIFY_THRESHOLD = 0.90
+DEFAULT_VERIFY_CANDIDATES = 2
+DEFAULT_VERIFY_MAX_BATCH = 16
+#: Wrong reports (Feedback with correct=false) after which an entry is deleted; each report
+#: already vetoes the entry for prompts near the reported one.
+DEFAULT_FEEDBACK_EVICT_AFTER = 3
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -94,15 +106,31 @@ class Settings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     api_key: str | None = None
+    verifier: str | None = None
+    verify_gate: float = DEFAULT_VERIFY_GATE
+    verify_threshold: float = DEFAULT_VERIFY_THRESHOLD
+    verify_candidates: int = DEFAULT_VERIFY_CANDIDATES
+    verify_max_batch: int = DEFAULT_VERIFY_MAX_BATCH
+    max_wrong_rate: float | None = None
+    feedback_evict_after: int = DEFAULT_FEEDBACK_EVICT_AFTER
 
     def __post_init__(self) -> None:
         problems = []
         if not 0.0 <= self.min_similarity <= 1.0:
             problems.append(f"min_similarity must be in [0, 1], got {self.min_similarity}")
+        for name in ("verify_gate", "verify_threshold"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.max_wrong_rate is not None and not 0.0 < self.max_wrong_rate < 1.0:
+            problems.append(f"max_wrong_rate must be in (0, 1), e.g. 0.01; got {self.max_wrong_rate}")
+        if self.feedback_evict_after < 0:
+            problems.append(f"feedback_evict_after must be >= 0 (0 = never), got "
+                            f"{self.feedback_evict_after}")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
         for name in ("hot_capacity", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                     "embed_max_batch", "embed_max_queue", "max_concurrent_rpcs"):
+                     "embed_max_batch", "embed_max_queue", "max_concurrent_rpcs",
+                     "verify_candidates", "verify_max_batch"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hot_max_bytes < 1 << 20:

@@ -3,6 +3,11 @@
 Lookup:  validate -> exact key -> embed -> search tiers (hot, warm, cold) -> decide -> respond
 Store:   validate -> exact key -> embed -> durable write (warm) -> hot -> respond
 
+Decide: a tier's candidates above the namespace's cosine gate are re-scored against the entries
+themselves, those vetoed by feedback are dropped, and then either the best cosine must reach the
+threshold, or (with a verifier) the verifier scores the best few and the best score must reach
+it. The namespace's :class:`~stratacache.policy.Rule` says which, and where the lines are.
+
 Placement: every entry is durable in exactly one of the warm (LMDB) and cold (SQLite) tiers; the
 hot tier (memory) caches recently used ones. Stores write to warm, then hot. A warm hit is copied
 into hot; a cold hit moves to warm and hot. When warm exceeds its byte budget its least recently
@@ -18,11 +23,13 @@ tier's own thread, awaited.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,18 +37,21 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import _core, keys, validation
+from .batching import Batcher, model_executor
 from .config import Settings
 from .datadir import DataDir
-from .embed import BatchingEmbedder, Encoder
-from .errors import NotFound, Unavailable
-from .messages import (LookupRequest, LookupResult, StageStats, Stats, StoreRequest, StoreResult,
-                       TierStats)
+from .embed import Encoder
+from .errors import InvalidArgument, NotFound, Unavailable
+from .messages import (LookupRequest, LookupResult, MissReason, NamespaceStats, StageStats, Stats,
+                       StoreRequest, StoreResult, TierStats)
 from .metrics import Metrics
+from .policy import Defaults, Observation, Policy, PolicyBook, PolicyStatus, Rule
 from .records import Entry, Tier
 from .tiers.base import Candidate
 from .tiers.cold import ColdTier
 from .tiers.hot import DEFAULT_HNSW_MIN_ENTRIES, HotTier
 from .tiers.warm import WarmTier
+from .verify import Verifier
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,12 @@ T = TypeVar("T")
 SEARCH_K = 4
 #: Entries moved from warm to cold per transaction when warm is over budget.
 DEMOTION_BATCH = 512
+#: Labelled pairs scored per model pass when evidence is imported or re-scored.
+EVIDENCE_CHUNK = 64
+#: The policy, evidence and feedback file inside the data directory.
+EVIDENCE_FILE = "evidence.sqlite3"
+#: (namespace, prompt) keys remembered to tell a miss that the prompt is stored in another scope.
+SCOPE_HINTS = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +74,7 @@ class _Keys:
     prompt: str  # normalised
     partition: bytes
     exact: bytes
+    hint: bytes  # namespace and prompt, without the rest of the partition
 
 
 @dataclass
@@ -102,10 +119,11 @@ class Engine:
     are coroutines that must run on the loop that opened it.
     """
 
-    def __init__(self, settings: Settings, encoder: Encoder, *,
+    def __init__(self, settings: Settings, encoder: Encoder, *, verifier: Verifier | None = None,
                  hnsw_min_entries: int = DEFAULT_HNSW_MIN_ENTRIES) -> None:
         self.settings = settings
         self.encoder = encoder
+        self.verifier = verifier
         dim = encoder.dimension
         self._dir = DataDir(settings.data_dir, encoder.identity)
         try:
@@ -116,13 +134,27 @@ class Engine:
                                hnsw_min_entries=hnsw_min_entries)
             self.warm = WarmTier(self._dir.warm_path, dim, max_bytes=settings.warm_max_bytes)
             self.cold = ColdTier(self._dir.cold_path, dim, max_bytes=settings.cold_max_bytes)
+            self.policies = PolicyBook(
+                self._dir.path / EVIDENCE_FILE,
+                Defaults(min_similarity=settings.min_similarity, verify_gate=settings.verify_gate,
+                         verify_threshold=settings.verify_threshold,
+                         max_wrong_rate=settings.max_wrong_rate, has_verifier=verifier is not None),
+                embedder_id=encoder.identity.fingerprint,
+                verifier_id=None if verifier is None else verifier.identity.fingerprint)
         except BaseException:
             self._dir.close()
             raise
         self.metrics = Metrics()
-        self._embedder = BatchingEmbedder(
-            encoder, max_batch=settings.embed_max_batch,
-            max_wait_s=settings.embed_max_wait_ms / 1000, max_queue=settings.embed_max_queue)
+        self._model_thread = model_executor()
+        self._embedder: Batcher[str, np.ndarray | None] = Batcher(
+            encoder.encode_whole, name="embedding", flag="--embed-max-queue",
+            max_batch=settings.embed_max_batch, max_wait_s=settings.embed_max_wait_ms / 1000,
+            max_queue=settings.embed_max_queue, executor=self._model_thread)
+        self._verifier: Batcher[tuple[str, str], float] | None = None if verifier is None else Batcher(
+            lambda pairs: verifier.score(pairs).tolist(), name="verification",
+            flag="--embed-max-queue", max_batch=settings.verify_max_batch, max_wait_s=0.0,
+            max_queue=settings.embed_max_queue, executor=self._model_thread)
+        self._scope_hints: OrderedDict[bytes, set[bytes]] = OrderedDict()
         self._expiry: list[tuple[float, str]] = [
             (info.expires_at, info.id) for info in self.warm.infos() if info.expires_at is not None]
         heapq.heapify(self._expiry)
@@ -135,10 +167,14 @@ class Engine:
         self._closed = False
 
     @classmethod
-    async def open(cls, settings: Settings, encoder: Encoder, **kwargs: int) -> "Engine":
-        engine = cls(settings, encoder, **kwargs)
+    async def open(cls, settings: Settings, encoder: Encoder, *, verifier: Verifier | None = None,
+                   **kwargs: int) -> "Engine":
+        engine = cls(settings, encoder, verifier=verifier, **kwargs)
         await engine._reconcile()
+        await engine._load_evidence()
         engine._embedder.start()
+        if engine._verifier is not None:
+            engine._verifier.start()
         engine._sweeper = asyncio.get_running_loop().create_task(engine._sweep_forever())
         engine._maybe_demote()
         return engine
@@ -151,6 +187,45 @@ class Engine:
             if both:
                 log.info("removing %d entries found in both warm and cold tiers", len(both))
                 await self.cold.remove(both)
+
+    async def _load_evidence(self) -> None:
+        """Re-scores evidence scored by other models, loads it, and rebuilds feedback vetoes."""
+        loop = asyncio.get_running_loop()
+        stale = await asyncio.to_thread(self.policies.stale_rows)
+        if stale:
+            log.info("re-scoring %d labelled observations made with another embedder or "
+                     "verifier", len(stale))
+            for start in range(0, len(stale), EVIDENCE_CHUNK):
+                chunk = stale[start:start + EVIDENCE_CHUNK]
+                scores = await loop.run_in_executor(
+                    self._model_thread, self._score_pairs, [(q, m) for _, q, m in chunk])
+                await asyncio.to_thread(self.policies.rescore, [
+                    (row[0], *(score or (0.0, None))) for row, score in zip(chunk, scores)])
+        wrong = self.policies.load()
+        for start in range(0, len(wrong), EVIDENCE_CHUNK):
+            chunk = wrong[start:start + EVIDENCE_CHUNK]
+            vectors = await loop.run_in_executor(
+                self._model_thread, self.encoder.encode, [q for _, _, q in chunk])
+            for (namespace, entry_id, _), vector in zip(chunk, vectors):
+                self.policies.add_veto(namespace, entry_id, vector)
+
+    def _score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[tuple[float, float | None] | None]:
+        """(cosine, verifier score) of each (query, matched) pair, None where a text is longer
+        than the embedder reads. Blocking: runs on the model thread."""
+        vectors = self.encoder.encode_whole([t for p in pairs for t in p])
+        out: list[tuple[float, float | None] | None] = []
+        readable = [i for i in range(len(pairs))
+                    if vectors[2 * i] is not None and vectors[2 * i + 1] is not None]
+        verified = (self.verifier.score([pairs[i] for i in readable]).tolist()
+                    if self.verifier is not None and readable else [None] * len(readable))
+        by_index = dict(zip(readable, verified))
+        for i in range(len(pairs)):
+            if i not in by_index:
+                out.append(None)
+                continue
+            a, b = vectors[2 * i], vectors[2 * i + 1]
+            out.append((float(np.dot(a, b)), by_index[i]))  # type: ignore[arg-type]
+        return out
 
     # --- Lookup -------------------------------------------------------------------------------
 
@@ -166,8 +241,13 @@ class Engine:
         with self.metrics.stage("validate"):
             request = validation.lookup(request)
             k = self._keys(request)
-        threshold = (self.settings.min_similarity if request.min_similarity is None
-                     else request.min_similarity)
+        rule = self.policies.rule(request.namespace)
+        gate, threshold = rule.gate, rule.threshold
+        if request.min_similarity is not None:
+            if rule.verify or rule.calibration is not None:
+                gate = max(gate, request.min_similarity)  # may only make a promise stricter
+            else:
+                gate = threshold = request.min_similarity
         now = time.time()
         self.metrics.lookups += 1
 
@@ -176,48 +256,108 @@ class Engine:
         if exact is not None:
             entry, tier = exact
             self._promote(entry, tier)
-            return self._respond_hit(entry, Tier.EXACT, 1.0, now, started)
+            return self._respond_hit(entry, Tier.EXACT, 1.0, None, now, started)
+        if threshold is None:  # a bound is set that the evidence cannot support yet
+            return self._respond_miss(0.0, MissReason.UNCALIBRATED, started)
 
         with self.metrics.stage("embed"):
-            vector = await self._embedder.embed(k.prompt)
+            vector = await self._embedder.submit(k.prompt)
         if vector is None:  # too long for the model: exact matches only
-            return self._respond_miss(0.0, started)
+            return self._respond_miss(0.0, MissReason.TOO_LONG, started)
 
-        best_miss = 0.0
+        best_miss, reason = 0.0, MissReason.NO_CANDIDATE
         for tier in (Tier.HOT, Tier.WARM, Tier.COLD):
             if not self._worth_searching(tier, k.partition):
                 continue
             with self.metrics.stage(f"search_{tier.name.lower()}"):
                 candidates = await self._search(tier, k.partition, vector, now)
-            found = decide(candidates, threshold)
-            if found is None:
-                best_miss = max(best_miss, candidates[0].similarity if candidates else 0.0)
+            if candidates:
+                best_miss = max(best_miss, candidates[0].similarity)
+            with self.metrics.stage("decide"):
+                found = await self._decide(tier, candidates, k.prompt, vector, rule.verify, gate,
+                                           threshold, now)
+            if isinstance(found, MissReason):
+                reason = max(reason, found)
                 continue
-            entry = await self._fetch(found.entry_id, tier)
+            entry, similarity, score = found
+            self._promote(entry, tier)
+            return self._respond_hit(entry, tier, similarity, score, now, started)
+
+        if reason <= MissReason.BELOW_SIMILARITY and await self._stored_elsewhere(k, now):
+            reason = MissReason.OTHER_SCOPE
+        return self._respond_miss(best_miss, reason, started)
+
+    async def _decide(self, tier: Tier, candidates: list[Candidate], prompt: str,
+                      vector: np.ndarray, verify: bool, gate: float, threshold: float,
+                      now: float) -> tuple[Entry, float, float | None] | MissReason:
+        """The entry to serve from one tier's candidates (best first), with its cosine and
+        verifier score, or why none is served."""
+        wanted = self.settings.verify_candidates if verify else 1
+        passed: list[tuple[Entry, float]] = []
+        vetoed = False
+        for candidate in candidates:
+            if not passes_gate(candidate.similarity, gate):
+                break
+            entry = await self._fetch(candidate.entry_id, tier)
             if entry is None or entry.expired(now):  # removed or expired since the search
                 continue
-            # Re-score against the entry itself: what is served provably meets the threshold,
+            # Re-score against the entry itself: what is served provably meets the gate,
             # whatever an index did concurrently.
             similarity = float(np.dot(entry.vector, vector))
-            if decide([Candidate(entry.id, similarity)], threshold) is None:
+            if not passes_gate(similarity, gate):
                 continue
-            self._promote(entry, tier)
-            return self._respond_hit(entry, tier, similarity, now, started)
+            if self.policies.vetoed(entry.id, vector):
+                vetoed = True
+                continue
+            passed.append((entry, similarity))
+            if len(passed) == wanted:
+                break
+        if not passed:
+            if vetoed:
+                return MissReason.VETOED
+            return MissReason.BELOW_SIMILARITY if candidates else MissReason.NO_CANDIDATE
+        if not verify:
+            entry, similarity = passed[0]
+            return (entry, similarity, None) if similarity >= threshold else \
+                MissReason.BELOW_SIMILARITY
+        assert self._verifier is not None
+        with self.metrics.stage("verify"):
+            scores = await self._verifier.submit_many([(prompt, e.prompt) for e, _ in passed])
+        best = int(np.argmax(scores))
+        if scores[best] >= threshold:
+            entry, similarity = passed[best]
+            return entry, similarity, float(scores[best])
+        return MissReason.REJECTED_BY_VERIFIER
 
-        return self._respond_miss(best_miss, started)
+    async def _stored_elsewhere(self, k: _Keys, now: float) -> bool:
+        """Whether this exact prompt is stored in the namespace under another partition (scope,
+        template or version), among the prompts stored since this server started."""
+        for partition in list(self._scope_hints.get(k.hint, ())):
+            if partition != k.partition and await self._exact(
+                    keys.exact_key(partition, k.prompt), now) is not None:
+                return True
+        return False
 
-    def _respond_miss(self, best_similarity: float, started: float) -> LookupResult:
+    def _remember_scope(self, k: _Keys) -> None:
+        self._scope_hints.setdefault(k.hint, set()).add(k.partition)
+        self._scope_hints.move_to_end(k.hint)
+        while len(self._scope_hints) > SCOPE_HINTS:
+            self._scope_hints.popitem(last=False)
+
+    def _respond_miss(self, best_similarity: float, reason: MissReason,
+                      started: float) -> LookupResult:
         self.metrics.misses += 1
         elapsed = time.perf_counter() - started
         self.metrics.record("lookup", elapsed)
-        return LookupResult(hit=False, best_similarity=best_similarity,
+        return LookupResult(hit=False, best_similarity=best_similarity, miss_reason=reason,
                             server_time_us=int(elapsed * 1e6))
 
     def _keys(self, request: LookupRequest | StoreRequest) -> _Keys:
         prompt = keys.normalise_prompt(request.prompt)
         partition = keys.partition_key(request.namespace, request.scope, request.template_id,
                                        request.template_version)
-        return _Keys(prompt, partition, keys.exact_key(partition, prompt))
+        hint = hashlib.blake2b(f"{request.namespace}\0{prompt}".encode(), digest_size=16).digest()
+        return _Keys(prompt, partition, keys.exact_key(partition, prompt), hint)
 
     async def _exact(self, key: bytes, now: float) -> tuple[Entry, Tier] | None:
         """The live entry with this exact key, and the tier that holds it; no embedding."""
@@ -290,14 +430,14 @@ class Engine:
         finally:
             del self._moving[entry.id]
 
-    def _respond_hit(self, entry: Entry, tier: Tier, similarity: float, now: float,
-                     started: float) -> LookupResult:
+    def _respond_hit(self, entry: Entry, tier: Tier, similarity: float,
+                     verifier_score: float | None, now: float, started: float) -> LookupResult:
         self.metrics.hits[tier] += 1
         elapsed = time.perf_counter() - started
         self.metrics.record("lookup", elapsed)
         return LookupResult(hit=True, response=entry.response, similarity=similarity,
                             matched_prompt=entry.prompt, entry_id=entry.id, tier=tier,
-                            age_s=max(0.0, now - entry.created_at),
+                            age_s=max(0.0, now - entry.created_at), verifier_score=verifier_score,
                             server_time_us=int(elapsed * 1e6))
 
     # --- Store --------------------------------------------------------------------------------
@@ -316,7 +456,7 @@ class Engine:
             request = validation.store(request)
             k = self._keys(request)
         with self.metrics.stage("embed"):
-            vector = await self._embedder.embed(k.prompt)
+            vector = await self._embedder.submit(k.prompt)
         if vector is None:
             # Longer than the model reads: served to exact matches only. A zero vector has
             # similarity 0 to everything, and decide never serves similarity 0.
@@ -333,6 +473,7 @@ class Engine:
             # Shielded: once the entry is being written, a cancelled call (a client deadline)
             # must not leave disk and memory disagreeing.
             replaced = await asyncio.shield(self._spawn(self._store_entry(entry), awaited=True))
+        self._remember_scope(k)
         self.metrics.stores += 1
         self.metrics.record("store", time.perf_counter() - started)
         return StoreResult(entry.id, replaced)
@@ -421,6 +562,108 @@ class Engine:
                 move.cancelled = True
                 moving.add(entry_id)
         return moving
+
+    # --- policy, evidence and feedback ---------------------------------------------------------
+
+    async def set_policy(self, namespace: str, policy: Policy, *,
+                         clear_evidence: bool = False) -> PolicyStatus:
+        """Sets a namespace's policy (replacing the old one whole); returns its status.
+
+        Raises:
+            InvalidArgument: a value out of range, or verify=True on a server without verifier.
+        """
+        self._check_open()
+        namespace = validation.namespace(namespace)
+        await self.policies.set_policy(namespace, policy)
+        if clear_evidence:
+            await self.policies.clear_evidence(namespace)
+        return self.policies.status(namespace)
+
+    async def policy_status(self, namespace: str) -> PolicyStatus:
+        self._check_open()
+        return self.policies.status(validation.namespace(namespace))
+
+    async def add_evidence(self, namespace: str,
+                           pairs: Sequence[tuple[str, str, bool]]) -> tuple[int, int, PolicyStatus]:
+        """Scores labelled pairs (a = stored prompt, b = lookup prompt, whether serving a's
+        answer for b is right) with this server's embedder and verifier and adds them to the
+        namespace's evidence. Returns (added, skipped as too long to embed, status).
+
+        Raises:
+            InvalidArgument: no pairs, too many, or an empty/oversized text.
+            StorageFull: the namespace's evidence is full.
+        """
+        self._check_open()
+        namespace = validation.namespace(namespace)
+        validation.labelled_pairs(pairs)
+        loop = asyncio.get_running_loop()
+        observations = []
+        for start in range(0, len(pairs), EVIDENCE_CHUNK):
+            # Chunks run on the model thread between lookups' passes, not through the bounded
+            # queues: an import must not crowd out live traffic.
+            chunk = pairs[start:start + EVIDENCE_CHUNK]
+            normalised = [(keys.normalise_prompt(b), keys.normalise_prompt(a)) for a, b, _ in chunk]
+            scores = await loop.run_in_executor(self._model_thread, self._score_pairs, normalised)
+            observations += [Observation(q, m, bool(label), *score)
+                             for (q, m), (_, _, label), score in zip(normalised, chunk, scores)
+                             if score is not None]
+        await self.policies.add(namespace, observations)
+        return len(observations), len(pairs) - len(observations), self.policies.status(namespace)
+
+    async def feedback(self, namespace: str, entry_id: str, prompt: str,
+                       correct: bool) -> tuple[bool, PolicyStatus]:
+        """Records whether serving ``entry_id`` for ``prompt`` was right. A wrong report vetoes
+        the entry for prompts near ``prompt`` and, after ``feedback_evict_after`` reports (or at
+        once when ``prompt`` is the entry's own prompt: its answer is wrong), deletes it. Every
+        semantic report becomes evidence for the namespace's calibration. Returns (entry
+        deleted, status).
+
+        Raises:
+            InvalidArgument: malformed namespace, id or prompt.
+            NotFound: no such entry in this namespace (never stored, or removed since).
+        """
+        self._check_open()
+        namespace = validation.namespace(namespace)
+        entry_id = validation.entry_id(entry_id)
+        prompt = keys.normalise_prompt(validation.prompt(prompt))
+        entry = await self._find(entry_id)
+        if entry is None or entry.namespace != namespace:
+            raise NotFound(
+                f"no entry {entry_id!r} in namespace {namespace!r}: it was never stored there, or "
+                "has been removed, evicted or expired since it was served; feedback not recorded")
+        if prompt == keys.normalise_prompt(entry.prompt):  # an exact hit: the answer itself
+            if not correct:
+                await self._remove_ids([entry_id])
+                self.metrics.invalidated += 1
+            return not correct, self.policies.status(namespace)
+        vector = await self._embedder.submit(prompt)
+        if vector is None:
+            raise InvalidArgument("prompt is longer than the embedding model reads: it can only "
+                                  "have been served as an exact hit, to its own prompt")
+        score = None
+        if self._verifier is not None:
+            score = (await self._verifier.submit_many([(prompt, entry.prompt)]))[0]
+        await self.policies.add(namespace, [Observation(
+            prompt, entry.prompt, correct, float(np.dot(entry.vector, vector)), score,
+            "feedback", entry_id)])
+        deleted = False
+        if not correct:
+            reports = self.policies.add_veto(namespace, entry_id, vector)
+            limit = self.settings.feedback_evict_after
+            if limit and reports >= limit:
+                deleted = bool(await self._remove_ids([entry_id]))
+                self.metrics.invalidated += int(deleted)
+                log.info("entry %s deleted after %d wrong reports", entry_id, reports)
+        return deleted, self.policies.status(namespace)
+
+    async def _find(self, entry_id: str) -> Entry | None:
+        """The entry with this id, wherever it is (expired ones included)."""
+        entry = self.hot.get(entry_id) or self.warm.get(entry_id)
+        if entry is None and entry_id in self._moving:
+            entry = self._moving[entry_id].entry
+        if entry is None and len(self.cold):
+            entry = await self.cold.get(entry_id)
+        return entry
 
     # --- admin --------------------------------------------------------------------------------
 
@@ -529,11 +772,18 @@ class Engine:
             hot=tier(Tier.HOT, len(self.hot), self.hot.bytes, s.hot_capacity),
             warm=tier(Tier.WARM, len(self.warm), self.warm.file_bytes(), s.warm_max_bytes),
             cold=tier(Tier.COLD, len(self.cold), cold_file, s.cold_max_bytes),
-            embed_batches=self._embedder.stats.batches, embed_texts=self._embedder.stats.texts,
+            embed_batches=self._embedder.stats.batches, embed_texts=self._embedder.stats.items,
             rejected_overload=self._embedder.stats.rejected,
             stages={name: StageStats(v.count, v.p50_ms, v.p99_ms)
                     for name, v in m.stages().items()},
-            uptime_s=time.monotonic() - self._started, simd_isa=_core.simd_isa())
+            uptime_s=time.monotonic() - self._started, simd_isa=_core.simd_isa(),
+            verifier="" if self.verifier is None else self.verifier.identity.name,
+            verify_batches=0 if self._verifier is None else self._verifier.stats.batches,
+            verify_pairs=0 if self._verifier is None else self._verifier.stats.items,
+            namespaces={ns: NamespaceStats(st.evidence, st.feedback_correct, st.feedback_wrong,
+                                           st.vetoed_entries)
+                        for ns in self.policies.namespaces()
+                        for st in (self.policies.status(ns),)})
 
     def _check_open(self) -> None:
         if self._closed:
@@ -550,16 +800,16 @@ class Engine:
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
         await self._embedder.close()
+        if self._verifier is not None:
+            await self._verifier.close()
+        self._model_thread.shutdown(wait=True)
+        self.policies.close()
         self.warm.close()
         self.cold.close()
         self._dir.close()
 
 
-def decide(candidates: list[Candidate], min_similarity: float) -> Candidate | None:
-    """The decision, in one place: the most similar candidate if its cosine similarity reaches
-    ``min_similarity`` and is positive (an entry whose prompt was too long to embed has a zero
-    vector: similarity 0, never served), else None. Candidates arrive best first, expired ones
-    already left out."""
-    if candidates and candidates[0].similarity >= min_similarity and candidates[0].similarity > 0:
-        return candidates[0]
-    return None
+def passes_gate(similarity: float, gate: float) -> bool:
+    """Whether a cosine similarity may be served at all: at least ``gate`` and positive (an
+    entry whose prompt was too long to embed has a zero vector: similarity 0, never served)."""
+    return similarity >= gate and similarity > 0

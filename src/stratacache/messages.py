@@ -3,9 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+import enum
 from dataclasses import dataclass, field
 
 from .records import Tier
+
+
+class MissReason(enum.IntEnum):
+    """Why a lookup missed; values match ``stratacache.v1.MissReason``."""
+
+    NO_CANDIDATE = 1        # nothing stored in this namespace/scope/template version
+    BELOW_SIMILARITY = 2    # the closest stored prompt is under the cosine gate
+    REJECTED_BY_VERIFIER = 3  # candidates passed the gate; the verifier scored them too low
+    VETOED = 4              # the only candidates were reported wrong for prompts like this one
+    UNCALIBRATED = 5        # a wrong-hit bound is set, but the evidence cannot support it yet
+    OTHER_SCOPE = 6         # this exact prompt is stored, under another scope/template version
+    TOO_LONG = 7            # longer than the model reads: exact matches only
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -52,6 +65,8 @@ class LookupResult:
     age_s: float = 0.0
     best_similarity: float = 0.0
     server_time_us: int = 0
+    verifier_score: float | None = None
+    miss_reason: MissReason | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,3 +108,15 @@ class Stats:
     stages: Mapping[str, StageStats]
     uptime_s: float
     simd_isa: str
+    verifier: str = ""
+    verify_batches: int = 0
+    verify_pairs: int = 0
+    namespaces: Mapping[str, "NamespaceStats"] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceStats:
+    evidence: int
+    feedback_correct: int
+    feedback_wrong: int
+    vetoed_entries: int

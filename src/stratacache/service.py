@@ -20,6 +20,7 @@ from . import errors
 from .config import Settings
 from .engine import Engine
 from .messages import LookupRequest, StageStats, Stats, StoreRequest, TierStats
+from .policy import Policy, PolicyStatus
 from .v1 import stratacache_pb2 as pb
 from .v1 import stratacache_pb2_grpc as pb_grpc
 
@@ -75,7 +76,8 @@ class SemanticCacheServicer(pb_grpc.SemanticCacheServicer):
             matched_prompt=result.matched_prompt, entry_id=result.entry_id,
             tier=int(result.tier) if result.tier is not None else pb.TIER_UNSPECIFIED,
             age_s=result.age_s, best_similarity=result.best_similarity,
-            server_time_us=result.server_time_us)
+            server_time_us=result.server_time_us, verifier_score=result.verifier_score,
+            miss_reason=0 if result.miss_reason is None else int(result.miss_reason))
 
     async def Store(self, request: pb.StoreRequest,
                     context: grpc.aio.ServicerContext) -> pb.StoreResponse:
@@ -86,6 +88,12 @@ class SemanticCacheServicer(pb_grpc.SemanticCacheServicer):
             user_id=_opt(request, "user_id"), metadata=dict(request.metadata))
         result = await _call(context, lambda: self._engine.store(command))
         return pb.StoreResponse(entry_id=result.entry_id, replaced=result.replaced)
+
+    async def Feedback(self, request: pb.FeedbackRequest,
+                       context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+        deleted, status = await _call(context, lambda: self._engine.feedback(
+            request.namespace, request.entry_id, request.prompt, request.correct))
+        return pb.FeedbackResponse(entry_deleted=deleted, policy=policy_to_proto(status))
 
 
 class CacheAdminServicer(pb_grpc.CacheAdminServicer):
@@ -118,6 +126,40 @@ class CacheAdminServicer(pb_grpc.CacheAdminServicer):
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
         return stats_to_proto(await _call(context, self._engine.stats))
 
+    async def SetPolicy(self, request: pb.SetPolicyRequest,
+                        context: grpc.aio.ServicerContext) -> pb.PolicyStatus:
+        policy = Policy(max_wrong_rate=_opt(request, "max_wrong_rate"),  # type: ignore[arg-type]
+                        min_similarity=_opt(request, "min_similarity"),  # type: ignore[arg-type]
+                        verify=_opt(request, "verify"))  # type: ignore[arg-type]
+        return policy_to_proto(await _call(context, lambda: self._engine.set_policy(
+            request.namespace, policy, clear_evidence=request.clear_evidence)))
+
+    async def GetPolicy(self, request: pb.GetPolicyRequest,
+                        context: grpc.aio.ServicerContext) -> pb.PolicyStatus:
+        return policy_to_proto(await _call(context, lambda: self._engine.policy_status(
+            request.namespace)))
+
+    async def AddEvidence(self, request: pb.AddEvidenceRequest,
+                          context: grpc.aio.ServicerContext) -> pb.AddEvidenceResponse:
+        pairs = [(p.a, p.b, p.duplicate) for p in request.pairs]
+        added, skipped, status = await _call(context, lambda: self._engine.add_evidence(
+            request.namespace, pairs))
+        return pb.AddEvidenceResponse(added=added, skipped=skipped, policy=policy_to_proto(status))
+
+
+def policy_to_proto(status: PolicyStatus) -> pb.PolicyStatus:
+    p, rule, cal = status.policy, status.rule, status.rule.calibration
+    return pb.PolicyStatus(
+        namespace=status.namespace, max_wrong_rate=p.max_wrong_rate,
+        min_similarity=p.min_similarity, verify=p.verify, verifier_on=rule.verify, gate=rule.gate,
+        threshold=rule.threshold, bound=None if cal is None else cal.max_wrong_rate,
+        evidence=status.evidence, evidence_correct=status.evidence_correct,
+        served=0 if cal is None else cal.served, wrong=0 if cal is None else cal.wrong,
+        promised_bound=None if cal is None else cal.promised_bound,
+        hit_rate=0.0 if cal is None else cal.hit_rate, needed=0 if cal is None else cal.needed,
+        feedback_correct=status.feedback_correct, feedback_wrong=status.feedback_wrong,
+        vetoed_entries=status.vetoed_entries, message=status.message)
+
 
 def stats_to_proto(stats: Stats) -> pb.StatsResponse:
     def tier(t: TierStats) -> pb.TierStats:
@@ -135,7 +177,13 @@ def stats_to_proto(stats: Stats) -> pb.StatsResponse:
         warm=tier(stats.warm), cold=tier(stats.cold), embed_batches=stats.embed_batches,
         embed_texts=stats.embed_texts, rejected_overload=stats.rejected_overload,
         stages={name: stage(s) for name, s in stats.stages.items()}, uptime_s=stats.uptime_s,
-        simd_isa=stats.simd_isa)
+        simd_isa=stats.simd_isa, verifier=stats.verifier, verify_batches=stats.verify_batches,
+        verify_pairs=stats.verify_pairs,
+        namespaces={ns: pb.NamespaceStats(evidence=n.evidence,
+                                          feedback_correct=n.feedback_correct,
+                                          feedback_wrong=n.feedback_wrong,
+                                          vetoed_entries=n.vetoed_entries)
+                    for ns, n in stats.namespaces.items()})
 
 
 class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):

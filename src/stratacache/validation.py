@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import TypeVar
 
@@ -25,6 +25,8 @@ MAX_MAP_VALUE_BYTES = 16 * 1024
 MAX_MAP_TOTAL_BYTES = 64 * 1024
 MAX_LABEL_BYTES = 256
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
+#: Labelled pairs one AddEvidence call may carry.
+MAX_EVIDENCE_PAIRS = 10_000
 
 
 def namespace(value: str) -> str:
@@ -59,14 +61,27 @@ def _label(name: str, value: str | None) -> str | None:
     return value
 
 
-def _prompt(value: str) -> None:
+def prompt(value: str, name: str = "prompt") -> str:
     size = len(value.encode())
     if not value.strip():
-        raise InvalidArgument("prompt is empty: give the text that is sent to the model")
+        raise InvalidArgument(f"{name} is empty: give the text that is sent to the model")
     if size > MAX_PROMPT_BYTES:
         raise InvalidArgument(
-            f"prompt is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are cached "
+            f"{name} is {size} bytes; at most {MAX_PROMPT_BYTES} bytes are cached "
             "(send longer prompts to the model directly)")
+    return value
+
+
+def labelled_pairs(pairs: Sequence[tuple[str, str, bool]]) -> None:
+    """AddEvidence's pairs: 1 to MAX_EVIDENCE_PAIRS per call, each text a valid prompt."""
+    if not pairs:
+        raise InvalidArgument("no pairs given: send labelled (a, b, duplicate) pairs")
+    if len(pairs) > MAX_EVIDENCE_PAIRS:
+        raise InvalidArgument(f"{len(pairs)} pairs in one call; send at most "
+                              f"{MAX_EVIDENCE_PAIRS} per call (the client splits larger sets)")
+    for i, (a, b, _) in enumerate(pairs):
+        prompt(a, f"pairs[{i}].a")
+        prompt(b, f"pairs[{i}].b")
 
 
 def _string_map(name: str, value: Mapping[str, str]) -> None:
@@ -98,7 +113,7 @@ def _template(template_id: str | None, template_version: str | None) -> None:
 
 def store(request: StoreRequest) -> StoreRequest:
     """The request with its namespace defaulted, or InvalidArgument."""
-    _prompt(request.prompt)
+    prompt(request.prompt)
     if len(request.response) > MAX_RESPONSE_BYTES:
         raise InvalidArgument(
             f"response is {len(request.response)} bytes; at most {MAX_RESPONSE_BYTES} are cached")
@@ -114,7 +129,7 @@ def store(request: StoreRequest) -> StoreRequest:
 
 
 def lookup(request: LookupRequest) -> LookupRequest:
-    _prompt(request.prompt)
+    prompt(request.prompt)
     _string_map("scope", request.scope)
     _template(request.template_id, request.template_version)
     m = request.min_similarity

@@ -1,0 +1,155 @@
+"""Choosing a decision threshold that keeps a promise: at most ``max_wrong_rate`` wrong answers
+among served hits, with 95 % confidence, from labelled evidence.
+
+Evidence is a list of (score, correct) observations: a lookup prompt, the stored prompt it was
+or would be served, the score the server gives the pair (cosine, or the verifier's), and whether
+serving it is right (labelled pairs, and feedback on served hits).
+
+The bound: for a threshold t, the hits served are the observations scoring >= t; with ``k`` of
+those ``n`` wrong, the one-sided Clopper-Pearson upper bound U(k, n) on the wrong-hit rate holds
+with the stated confidence. The threshold: thresholds are tested in a fixed order, from strict
+to loose (the order depends on scores only, never on labels), and a sequence stops at its first
+threshold that fails U <= max_wrong_rate. Fixed-sequence testing needs no multiplicity
+correction within a sequence (the "Learn then Test" procedure of Angelopoulos et al., 2021), so
+the promise holds for the threshold picked, not just for one fixed in advance; three sequences
+with different starting points split the 5 % error between them (see :func:`calibrate`).
+
+With too little evidence no threshold passes, and the caller serves no semantic hits rather than
+guess (exact hits are never wrong and stay on).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import beta
+
+CONFIDENCE = 0.95
+
+
+def upper_bound(wrong: int, served: int, confidence: float = CONFIDENCE) -> float:
+    """One-sided Clopper-Pearson upper confidence bound on a rate seen as ``wrong``/``served``."""
+    if served <= 0:
+        return 1.0
+    if wrong >= served:
+        return 1.0
+    return float(beta.ppf(confidence, wrong + 1, served - wrong))
+
+
+def minimum_served(max_wrong_rate: float, confidence: float = CONFIDENCE) -> int:
+    """Fewest served observations for which a clean record (0 wrong) meets the bound:
+    U(0, n) = 1 - (1 - confidence)^(1/n) <= max_wrong_rate."""
+    return math.ceil(math.log(1 - confidence) / math.log(1 - max_wrong_rate))
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """What the evidence supports for one bound.
+
+    Attributes:
+        max_wrong_rate: the bound asked for.
+        threshold: the loosest score threshold whose bound holds; None when none does.
+        evidence: observations in all; ``evidence_correct`` of them right to serve.
+        served: observations the threshold serves; ``wrong`` of them wrong.
+        promised_bound: U(wrong, served) at the threshold (<= max_wrong_rate), or the bound at
+            the strictest testable threshold when none passes (what could be promised).
+        hit_rate: share of right-to-serve observations served (recall on the evidence).
+        needed: observations a threshold must serve, with none wrong, before anything can be
+            promised.
+    """
+
+    max_wrong_rate: float
+    threshold: float | None
+    evidence: int
+    evidence_correct: int
+    served: int
+    wrong: int
+    promised_bound: float
+    hit_rate: float
+    needed: int
+
+    @property
+    def message(self) -> str:
+        if self.threshold is not None:
+            return (f"serving scores >= {self.threshold:.4f}: {self.wrong} wrong of {self.served} "
+                    f"served in {self.evidence} labelled observations; wrong-hit rate <= "
+                    f"{self.promised_bound:.4f} with {CONFIDENCE:.0%} confidence; "
+                    f"hit rate {self.hit_rate:.3f}")
+        if self.evidence < self.needed:
+            why = (f"not enough evidence for a wrong-hit bound of {self.max_wrong_rate:g}: "
+                   f"{self.evidence} labelled observations ({self.evidence_correct} correct); a "
+                   f"threshold must serve at least {self.needed} with none wrong")
+        else:
+            why = (f"no threshold keeps a wrong-hit bound of {self.max_wrong_rate:g} on "
+                   f"{self.evidence} labelled observations: even the highest-scored ones hold "
+                   f"too many wrong (bound {self.promised_bound:.4f}); a better verifier, or more "
+                   "evidence, may reach it")
+        return (why + ". Serving exact hits only until more labelled pairs (stratacache "
+                "calibrate) or feedback arrive")
+
+
+#: Observed wrong-hit rates, as fractions of the bound, that the test sequences are built to
+#: tolerate at their first threshold (see :func:`calibrate`).
+_SLACKS = (0.0, 0.5, 0.75)
+
+
+def _sequence_start(max_wrong_rate: float, slack: float, confidence: float) -> int:
+    """Fewest served observations at which a wrong-hit rate of ``slack * max_wrong_rate`` still
+    passes the bound: where a test sequence starts."""
+    n = minimum_served(max_wrong_rate, confidence)
+    while upper_bound(math.floor(slack * max_wrong_rate * n), n, confidence) > max_wrong_rate:
+        n = math.ceil(n * 1.05)
+    return n
+
+
+def calibrate(scores: Sequence[float] | np.ndarray, correct: Sequence[bool] | np.ndarray,
+              max_wrong_rate: float, confidence: float = CONFIDENCE, *,
+              total_correct: int | None = None) -> Calibration:
+    """The loosest threshold on ``scores`` keeping the wrong-hit bound (see the module doc).
+    ``total_correct``: right-to-serve observations in all, when ``scores`` leaves out some that
+    can never be served (below a cosine gate); the hit rate is relative to it.
+
+    Thresholds are tested in fixed sequences from strict to loose, each stopping at its first
+    failure. One sequence starting where a single wrong hit already fails would stop at once on
+    evidence with a little label noise at the top, so three run, starting where an observed rate
+    of 0, 1/2 and 3/4 of the bound can still pass; each tests at (1 - confidence) / 3, so by the
+    union bound the threshold picked keeps the promise with ``confidence``."""
+    if not 0 < max_wrong_rate < 1:
+        raise ValueError(f"max_wrong_rate must lie in (0, 1), not {max_wrong_rate}")
+    s = np.asarray(scores, dtype=np.float64)
+    ok = np.asarray(correct, dtype=bool)
+    each = 1 - (1 - confidence) / len(_SLACKS)
+    starts = [_sequence_start(max_wrong_rate, f, each) for f in _SLACKS]
+    order = np.argsort(-s, kind="stable")
+    s, ok = s[order], ok[order]
+    wrong_so_far = np.cumsum(~ok)
+    positives = int(ok.sum()) if total_correct is None else total_correct
+    # A threshold t = s[i] serves every observation scoring >= t: test only the last index of
+    # each run of equal scores.
+    ends = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if len(s) else np.array([], int)
+    served_at = ends + 1
+    wrong_at = wrong_so_far[ends] if len(ends) else np.array([], int)
+    bounds = np.where(wrong_at >= served_at, 1.0,
+                      beta.ppf(each, wrong_at + 1, np.maximum(served_at - wrong_at, 1)))
+    best: tuple[float, int, int, float] | None = None
+    first_bound = 1.0
+    for n, start in enumerate(starts):
+        tested = np.flatnonzero(served_at >= start)
+        if not len(tested):
+            continue
+        if n == 0:
+            first_bound = float(bounds[tested[0]])
+        failed = np.flatnonzero(bounds[tested] > max_wrong_rate)
+        passed = tested[:failed[0]] if len(failed) else tested
+        if len(passed) and (best is None or served_at[passed[-1]] > best[1]):
+            i = passed[-1]
+            best = (float(s[ends[i]]), int(served_at[i]), int(wrong_at[i]), float(bounds[i]))
+    if best is None:
+        return Calibration(max_wrong_rate, None, len(s), positives, 0, 0, first_bound, 0.0,
+                           starts[0])
+    threshold, served, wrong, bound = best
+    return Calibration(max_wrong_rate, threshold, len(s), positives, served, wrong, bound,
+                       (served - wrong) / positives if positives else 0.0, starts[0])
