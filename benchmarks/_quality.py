@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._common import load_pairs as _load_rows
+from stratacache.pairs import read_pairs, split
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 
@@ -39,13 +39,36 @@ class Pair:
 
 
 
-def load_pairs(path: Path, limit: int | None, seed: int) -> tuple[list[Pair], int]:
+def load_pairs(path: Path, limit: int | None, seed: int,
+               part: str | None = None) -> tuple[list[Pair], int]:
     """The pairs to use (the first ``limit`` after a shuffle seeded by ``seed``), and how many
-    the file holds."""
-    pairs = [Pair(r["a"], r["b"], bool(r["duplicate"])) for r in _load_rows(path)]
-    total = len(pairs)
+    the file holds. ``part``: only that part of the text-disjoint split (stratacache.pairs)."""
+    rows = read_pairs(path)
+    total = len(rows)
+    if part is not None:
+        rows = split(rows)[part]
+    pairs = [Pair(r.a, r.b, r.duplicate) for r in rows]
     random.Random(seed).shuffle(pairs)
     return (pairs[:limit] if limit is not None else pairs), total
+
+
+def precision_at_recall(score: Sequence[float], duplicate: Sequence[bool],
+                        recall: float) -> dict[str, object]:
+    """Pair protocol: the precision of the strictest threshold whose recall reaches ``recall``
+    (pairs served when score >= threshold), with its Wilson interval and the threshold."""
+    s = np.asarray(score, dtype=np.float64)
+    d = np.asarray(duplicate, dtype=bool)
+    order = np.argsort(-s, kind="stable")
+    right = np.cumsum(d[order])
+    need = math.ceil(recall * int(d.sum()))
+    if need == 0 or right[-1] < need:
+        return {"threshold": None, "precision": wilson(0, 0), "recall": wilson(0, int(d.sum()))}
+    i = int(np.argmax(right >= need))
+    threshold = float(s[order][i])
+    served = s >= threshold
+    return {"threshold": threshold,
+            "precision": wilson(int((served & d).sum()), int(served.sum())),
+            "recall": wilson(int((served & d).sum()), int(d.sum()))}
 
 
 def parse_thresholds(spec: str) -> list[float]:

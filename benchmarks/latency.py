@@ -13,13 +13,19 @@ hot, then times (client round trip and the server's own ``server_time_us``) for 
 Then throughput and latency with 1, 4, 16 and 64 concurrent clients (asyncio, one process)
 for exact and for semantic lookups.
 
+With ``--verifier DIR`` the server runs with that verifier (threshold 0, so every candidate
+above the gate is served and each hit pays one verification): each semantic kind is timed
+twice on disjoint halves of its prompts, with the namespace's verification off and on, side by
+side in one run, and the server's per-stage times (embed, search, decide, verify) show where the
+time goes.
+
 Every call's tier is checked; calls served from another tier than intended are not counted.
 In the same run it times the floors: a bare gRPC echo on loopback and a bare embedding call
 (the same model, in this process, one text), and prints each figure's ratio to its floor
 (exact hit / echo; semantic / (embed + echo)). Also reports the server's start time. Prints a
 table and writes JSON.
 
-    python -m benchmarks.latency [--calls 300] [--entries 3000]
+    python -m benchmarks.latency [--calls 300] [--entries 3000] [--verifier OUT/verifier]
 """
 
 from __future__ import annotations
@@ -106,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="warm budget; about 4 KiB per entry, the rest goes cold")
     parser.add_argument("--clients", type=lambda v: [int(x) for x in v.split(",")],
                         default=[1, 4, 16, 64], help="concurrency levels, comma-separated")
+    parser.add_argument("--verifier", type=Path, default=None,
+                        help="verifier folder: time semantic hits with and without verification")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
 
@@ -115,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("not enough distinct questions in --data for --entries and --calls")
 
     flags = ["--hot-capacity", str(args.hot_capacity), "--warm-max-mib", str(args.warm_max_mib)]
+    if args.verifier is not None:
+        flags += ["--verifier", str(args.verifier), "--verify-threshold", "0",
+                  "--verify-gate", "0.8"]
     with serve(*flags) as server, Client(server.target, timeout=30) as client:
         started = time.perf_counter()
         for text in tqdm(stored, desc="store", unit="entry"):
@@ -137,9 +148,25 @@ def main(argv: list[str] | None = None) -> int:
             ("cold hit", [t + SUFFIX for t in cold], "cold", 0.8),
             ("miss", unseen, "miss", None),
         ]
+        if args.verifier is not None:  # the same kinds, verified, on the other half
+            client.set_policy("default", verify=False)
+            halves = []
+            for label, prompts, tier, min_similarity in kinds:
+                if tier in ("hot", "warm", "cold"):
+                    halves.append((label, prompts[0::2], tier, min_similarity, False))
+                    halves.append((label + ", verified", prompts[1::2], tier, min_similarity,
+                                   True))
+                else:
+                    halves.append((label, prompts, tier, min_similarity, False))
+        else:
+            halves = [(*kind, None) for kind in kinds]
         results: dict[str, dict[str, object]] = {}
-        for label, prompts, tier, min_similarity in kinds:
+        for label, prompts, tier, min_similarity, verify in halves:
+            if verify is not None:
+                client.set_policy("default", verify=verify)
             results[label] = _measure(client, prompts, tier, min_similarity, label)
+        if args.verifier is not None:
+            client.set_policy("default", verify=False)
         concurrency = []
         for kind, prompts, min_similarity in (
                 ("exact", stored[-args.hot_capacity:], None),
@@ -157,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     for label, r in results.items():
         rt, sv = r["round_trip"], r["server"]
         floor = floors["echo"]["p50_ms"] + (0 if label == "exact hit" else floors["embed"]["p50_ms"])
+        plain = results.get(label.removesuffix(", verified"), {}).get("round_trip", {})
+        if label.endswith(", verified") and plain.get("n") and r["round_trip"].get("n"):
+            r["verified_over_plain_p50"] = round(r["round_trip"]["p50_ms"] / plain["p50_ms"], 2)
         ratio = f"{rt['p50_ms'] / floor:.2f}" if rt.get("n") else "-"
         r["floor_p50_ms"], r["client_p50_over_floor"] = floor, ratio
         rows.append([label, rt.get("n", 0), rt.get("p50_ms", "-"), rt.get("p99_ms", "-"),
@@ -170,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.entries / store_s:.0f}/s sequentially")
     print(table(rows, ["lookup", "n", "client p50 ms", "client p99 ms", "server p50 ms",
                        "server p99 ms", "p50 / floor", "other tier"]))
+    ratios = {k: v["verified_over_plain_p50"] for k, v in results.items()
+              if "verified_over_plain_p50" in v}
+    if ratios:
+        print("verified / unverified client p50: " + ", ".join(
+            f"{k.removesuffix(', verified')} {v:.2f}x" for k, v in ratios.items()))
+    stages = final_stats["stages"]
+    print("\nwhere the time goes (server stages, p50 / p99 ms over the last calls): " + ", ".join(
+        f"{name} {st['p50_ms']:.2f}/{st['p99_ms']:.2f}" for name, st in sorted(stages.items())))
     print()
     print(table([[r["kind"], r["clients"], r["calls"], r["per_s"], r["p50_ms"], r["p90_ms"],
                   r["p99_ms"]] for r in concurrency],
@@ -178,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
         "server_start_s": server.start_s, "store_per_s": args.entries / store_s,
         "placement_after_fill": {"warm": n_warm, "cold": n_cold},
-        "results": results, "concurrency": concurrency, "floors": floors, "server_stages": final_stats["stages"]}, args.out)
+        "results": results, "concurrency": concurrency, "floors": floors,
+        "verifier": None if args.verifier is None else str(args.verifier),
+        "verified_over_plain_p50": ratios, "server_stages": final_stats["stages"]}, args.out)
     print(f"wrote {path}")
     return 0
 

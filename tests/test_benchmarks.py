@@ -8,6 +8,8 @@ from pathlib import Path
 
 from benchmarks import hit_quality, latency, threshold_sweep
 
+from stratacache.pairs import read_pairs, write_pairs
+
 from .data import QQP
 
 
@@ -25,16 +27,41 @@ def test_latency_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
         ("exact", 1), ("exact", 4), ("semantic", 1), ("semantic", 4)]
 
 
+def test_latency_benchmark_times_verified_hits_beside_plain_ones(
+        tmp_path: Path, verifier_folder: Path) -> None:
+    out = tmp_path / "latency.json"
+    assert latency.main(["--data", str(QQP), "--entries", "320", "--calls", "8",
+                         "--hot-capacity", "16", "--warm-max-mib", "1", "--clients", "1",
+                         "--verifier", str(verifier_folder), "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"hot hit", "hot hit, verified", "warm hit, verified"} <= set(report["results"])
+    assert report["server_stages"]["verify"]["count"] > 0
+
+
 def test_hit_quality_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
     out, plot = tmp_path / "hq.json", tmp_path / "hq.png"
     assert hit_quality.main(["--data", str(QQP), "--limit", "40", "--thresholds", "0.8,0.9",
                              "--out", str(out), "--plot", str(plot)]) == 0
     report = json.loads(out.read_text())
     default = report["server"]["default_min_similarity"]
-    assert [r["threshold"] for r in report["pair"]] == sorted({0.8, 0.9, default})
+    assert [r["threshold"] for r in report["plain"]["pair"]] == sorted({0.8, 0.9, default})
     assert report["at_default"]["pair"]["threshold"] == default
-    assert report["crowded"]["summary"]["lookups"] == 40
+    assert report["plain"]["crowded"]["summary"]["lookups"] == 40
     assert plot.stat().st_size > 10_000
+
+
+def test_hit_quality_with_a_verifier_reports_both_scorers_and_bounds(
+        tmp_path: Path, verifier_folder: Path) -> None:
+    out, plot, other = tmp_path / "hq.json", tmp_path / "hq.png", tmp_path / "other.jsonl"
+    write_pairs(other, read_pairs(QQP, limit=8))
+    assert hit_quality.main(["--data", str(QQP), "--limit", "30", "--evidence-limit", "60",
+                             "--verifier", str(verifier_folder), "--other-domain", str(other),
+                             "--bounds", "0.05,0.5", "--out", str(out), "--plot", str(plot)]) == 0
+    report = json.loads(out.read_text())
+    assert report["data"]["part"] == "test" and report["calibration_evidence_pairs"] == 60
+    assert report["verified"]["crowded"]["summary"]["lookups"] == 30
+    assert [r["bound"] for r in report["bounds"]["verified"]] == [0.05, 0.5]
+    assert report["other_domain"]["pairs"] == 8
 
 
 def test_threshold_sweep_runs_on_a_small_slice(tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ class Engine:
         self.encoder = encoder
         self.verifier = verifier
         dim = encoder.dimension
-        self._dir = DataDir(settings.data_dir, encoder.identity)
+        self._dir = DataDir(settings.data_dir, encoder.identity, model=settings.model)
         try:
             self.hot = HotTier(dim, capacity=settings.hot_capacity,
                                max_bytes=settings.hot_max_bytes, m=settings.hnsw_m,
