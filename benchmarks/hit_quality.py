@@ -392,7 +392,9 @@ def _other_domain(raw: dict[str, object], other: list[Pair],
         rows.append({"setting": setting, "threshold": t, "recall": r["recall"],
                      "precision": r["precision"]})
 
-    add(f"plain cosine >= {default} (server default)", plain_scores, default)
+    for t in sorted({0.80, 0.90, default}):
+        add(f"plain cosine >= {t}" + (" (server default)" if t == default else ""),
+            plain_scores, t)
     for name, scores in (("plain", plain_scores), ("verified", ver_scores)):
         for c in checks[name]:
             if c["threshold"] is not None:

@@ -95,24 +95,37 @@ def write_pairs(path: Path | str, pairs: Iterable[LabelledPair]) -> int:
     return count
 
 
-def components(pairs: Sequence[LabelledPair]) -> list[int]:
-    """For each pair, the id of its connected component in the graph of texts joined by pairs
-    (the smallest index of a pair in it)."""
-    parent: dict[str, str] = {}
+class TextClusters:
+    """Union-find over texts: texts joined directly or through others share a root."""
 
-    def root(text: str) -> str:
+    def __init__(self) -> None:
+        self._parent: dict[str, str] = {}
+
+    def root(self, text: str) -> str:
+        parent = self._parent
         parent.setdefault(text, text)
         while parent[text] != text:
             parent[text] = parent[parent[text]]
             text = parent[text]
         return text
 
+    def join(self, a: str, b: str) -> None:
+        ra, rb = self.root(a), self.root(b)
+        if ra != rb:
+            self._parent[ra] = rb
+
+    def texts(self) -> list[str]:
+        return list(self._parent)
+
+
+def components(pairs: Sequence[LabelledPair]) -> list[int]:
+    """For each pair, the id of its connected component in the graph of texts joined by pairs
+    (the smallest index of a pair in it)."""
+    clusters = TextClusters()
     for p in pairs:
-        a, b = root(p.a), root(p.b)
-        if a != b:
-            parent[a] = b
+        clusters.join(p.a, p.b)
     first: dict[str, int] = {}
-    return [first.setdefault(root(p.a), i) for i, p in enumerate(pairs)]
+    return [first.setdefault(clusters.root(p.a), i) for i, p in enumerate(pairs)]
 
 
 def split(pairs: Sequence[LabelledPair], parts: Mapping[str, float] = STANDARD_PARTS,

@@ -14,9 +14,10 @@ committed move is durable before the warm copy is deleted.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -139,13 +140,7 @@ class ColdTier:
         return await asyncio.shield(self._put(entries))
 
     async def _put(self, entries: Sequence[Entry]) -> list[str]:
-        rows = []
-        for e in entries:
-            vector = np.ascontiguousarray(e.vector, dtype="<f4").tobytes()
-            record = encode(e, with_vector=False)
-            rows.append((e.id, e.namespace, e.partition, e.exact_key, e.template_id,
-                         e.template_version, e.user_id, e.created_at, e.expires_at,
-                         len(vector) + len(record), vector, record))
+        rows = [_row(e) for e in entries]
         replaced = await self._run(self._insert, rows)
         for partition, size in replaced:
             self._counts[partition] -= 1
@@ -217,3 +212,71 @@ class ColdTier:
         self._executor.submit(self._db.close).result()
         self._executor.shutdown(wait=True)
 
+
+
+def _row(e: Entry) -> tuple:
+    """The entry as a row of ``entries`` (column order of the schema)."""
+    vector = np.ascontiguousarray(e.vector, dtype="<f4").tobytes()
+    record = encode(e, with_vector=False)
+    return (e.id, e.namespace, e.partition, e.exact_key, e.template_id, e.template_version,
+            e.user_id, e.created_at, e.expires_at, len(vector) + len(record), vector, record)
+
+
+# --- offline access (``stratacache reindex``): no server runs, the caller holds the lock -------
+
+def count_stored(path: Path) -> int:
+    """Entries in the cold tier's database at ``path`` (0 if there is none)."""
+    if not path.exists():
+        return 0
+    db = sqlite3.connect(path)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone():
+            return 0
+        return int(db.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+    finally:
+        db.close()
+
+
+def read_stored(path: Path, batch: int) -> Iterator[list[Entry]]:
+    """Every entry of the cold tier at ``path``, ``batch`` at a time, in insertion order."""
+    if not path.exists():
+        return
+    db = sqlite3.connect(path)
+    try:
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone():
+            return
+        rows = db.execute("SELECT vector, record FROM entries ORDER BY rowid")
+        while chunk := rows.fetchmany(batch):
+            yield [decode(record, np.frombuffer(vector, dtype="<f4")) for vector, record in chunk]
+    finally:
+        db.close()  # the last connection: SQLite checkpoints the WAL and removes it
+
+
+class BulkWriter:
+    """Writes entries into a new cold-tier database at ``path`` (which must not exist), with
+    no journal and no fsync until :meth:`close`, which makes the file durable. A database left
+    half-written by a crash is garbage: only the finished, closed file may be used."""
+
+    def __init__(self, path: Path) -> None:
+        if path.exists():
+            raise FileExistsError(f"{path} exists")
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=OFF")
+        self._db.execute("PRAGMA synchronous=OFF")
+        self._db.executescript(_SCHEMA)
+
+    def put(self, entries: Sequence[Entry]) -> None:
+        self._db.execute("BEGIN")
+        self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                             [_row(e) for e in entries])
+        self._db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Closes the database and flushes it to disk (ColdTier turns WAL on when it opens)."""
+        self._db.close()
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

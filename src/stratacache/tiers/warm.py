@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
+from ..datadir import fsync_path
 from ..errors import StorageFull
 from ..records import Entry, EntryInfo, decode, encode
 from .base import Candidate
@@ -32,6 +34,7 @@ from .vectors import VectorMatrix
 log = logging.getLogger(__name__)
 
 _PAGE = 4096
+_DB = b"entries"  # the named LMDB database holding the entries
 _MIN_MAP_BYTES = 64 << 20
 #: After a demotion the tier holds at most this share of its budget (hysteresis).
 LOW_WATERMARK = 0.9
@@ -61,7 +64,7 @@ class WarmTier:
         self._map_size = max(_MIN_MAP_BYTES, 2 * max_bytes, 2 * existing)
         self._env = lmdb.open(str(path), map_size=self._map_size, max_dbs=2, sync=True,
                               metasync=True, readahead=False)
-        self._db = self._env.open_db(b"entries")
+        self._db = self._env.open_db(_DB)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm-writer")
         self._pending: list[tuple[list[tuple[bytes, bytes]], list[bytes], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -289,3 +292,86 @@ class WarmTier:
 
 def _expired(info: EntryInfo, now: float) -> bool:
     return info.expires_at is not None and info.expires_at <= now
+
+
+# --- offline access (``stratacache reindex``): no server runs, the caller holds the lock -------
+
+def _open_readonly(path: Path) -> lmdb.Environment | None:
+    if not (path / "data.mdb").exists():
+        return None
+    return lmdb.open(str(path), readonly=True, lock=False, max_dbs=2, readahead=False,
+                     map_size=max(_MIN_MAP_BYTES, (path / "data.mdb").stat().st_size))
+
+
+def count_stored(path: Path) -> int:
+    """Entries in the warm tier's LMDB environment at ``path`` (0 if there is none)."""
+    env = _open_readonly(path)
+    if env is None:
+        return 0
+    try:
+        try:
+            db = env.open_db(_DB, create=False)
+        except lmdb.NotFoundError:
+            return 0
+        with env.begin(db=db) as txn:
+            return int(txn.stat(db)["entries"])
+    finally:
+        env.close()
+
+
+def read_stored(path: Path, batch: int) -> Iterator[list[Entry]]:
+    """Every entry of the warm tier at ``path``, responses included, ``batch`` at a time, in key
+    order, from one read transaction."""
+    env = _open_readonly(path)
+    if env is None:
+        return
+    try:
+        try:
+            db = env.open_db(_DB, create=False)
+        except lmdb.NotFoundError:
+            return
+        with env.begin(db=db) as txn:
+            chunk: list[Entry] = []
+            for _, value in txn.cursor():
+                chunk.append(decode(value))
+                if len(chunk) >= batch:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+    finally:
+        env.close()
+
+
+class BulkWriter:
+    """Writes entries into a new warm-tier environment at ``path``, one transaction a call and
+    no fsync until :meth:`close`, which makes everything durable (file and directory)."""
+
+    def __init__(self, path: Path, map_size: int) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._map_size = max(_MIN_MAP_BYTES, map_size)
+        self._env = lmdb.open(str(path), map_size=self._map_size, max_dbs=2, sync=False,
+                              metasync=False, readahead=False)
+        self._db = self._env.open_db(_DB)
+
+    def put(self, entries: Sequence[Entry]) -> None:
+        encoded = [(e.id.encode(), encode(e)) for e in entries]
+        while True:
+            try:
+                with self._env.begin(db=self._db, write=True) as txn:
+                    for key, value in encoded:
+                        txn.put(key, value)
+                return
+            except lmdb.MapFullError:  # rolled back: grow the map and write it again
+                self._map_size *= 2
+                self._env.set_mapsize(self._map_size)
+
+    def close(self) -> None:
+        """Flushes the environment to disk and closes it."""
+        self._env.sync(True)
+        self._env.close()
+        for file in (self.path / "data.mdb", self.path / "lock.mdb", self.path):
+            if file.exists():
+                fsync_path(file)
+
