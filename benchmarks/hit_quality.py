@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="cosine gate for verified lookups")
     parser.add_argument("--evidence-limit", type=int, default=0,
                         help="with --verifier: calibrate-part pairs sent as evidence (0 = all)")
-    parser.add_argument("--bounds", default="0.01,0.02,0.05",
+    parser.add_argument("--bounds", default="0.01,0.02,0.05,0.10,0.15",
                         help="wrong-hit bounds to calibrate and check, comma-separated")
     parser.add_argument("--other-domain", type=Path,
                         default=Path(__file__).parent / "data" / "product_api_pairs.jsonl",
@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
         "plain": _public(plain)}
     summary = {"plain": plain}
     if verified:
-        grid = sorted({round(x / 100, 2) for x in range(0, 101, 5)} | {0.98, 0.99})
+        grid = sorted({round(x / 100, 2) for x in range(0, 101, 5)}
+                      | {round(x / 100, 2) for x in range(80, 100)})
         ver = _evaluate(raw["verified"], pairs, grid, True)  # type: ignore[arg-type]
         summary["verified"] = ver
         print(f"\nverified (cosine gate {args.verify_gate}, threshold on the verifier score):")
@@ -395,6 +396,8 @@ def _other_domain(raw: dict[str, object], other: list[Pair],
     for t in sorted({0.80, 0.90, default}):
         add(f"plain cosine >= {t}" + (" (server default)" if t == default else ""),
             plain_scores, t)
+    for t in (0.5, 0.8, 0.9):
+        add(f"verified, verifier score >= {t}", ver_scores, t)
     for name, scores in (("plain", plain_scores), ("verified", ver_scores)):
         for c in checks[name]:
             if c["threshold"] is not None:

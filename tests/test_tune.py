@@ -221,3 +221,20 @@ def test_fusion_combines_two_weak_scores_into_a_better_one() -> None:
     assert fused["weights"]["cosine"] > 0 and fused["weights"]["verifier_logit"] > 0
     assert fused["metrics"]["auc"] > max(tune.curve_metrics(cosine, labels)["auc"],
                                          tune.curve_metrics(verifier, labels)["auc"])
+
+
+def test_the_server_serves_with_the_tuned_verifier(tuned: Path, start_server, encoder) -> None:  # type: ignore[no-untyped-def]
+    """What tune wrote is what `serve --verifier` loads: the card's scoring choice and its
+    cosine fusion (fitted for this embedder) are honoured, and hits carry the score."""
+    from stratacache.verify import Verifier
+
+    card = _card(tuned / "verifier")
+    assert card["base"]["fingerprint"] == encoder.identity.fingerprint
+    assert card["score_both_orders"] in (True, False)
+    verifier = Verifier(tuned / "verifier", device="cpu", embedder=encoder.identity)
+    assert verifier.identity.fused and verifier.identity.symmetric == card["score_both_orders"]
+    server = start_server({"verifier": verifier}, verify_gate=0.5, verify_threshold=0.0)
+    with server.client() as c:
+        c.store("How do I learn Python quickly?", "answer")
+        hit = c.lookup("What is the fastest way to learn Python?")
+        assert hit.hit and hit.verifier_score is not None and 0 <= hit.verifier_score <= 1

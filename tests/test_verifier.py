@@ -21,7 +21,7 @@ def test_verifier_scores_every_semantic_hit(start_server, verifier) -> None:  # 
         assert hit.verifier_score is not None and 0.0 <= hit.verifier_score <= 1.0
         # the score is the model's own for this pair (symmetry off: one order)
         assert hit.verifier_score == pytest.approx(
-            float(verifier.score([(PARAPHRASE, STORED)])[0]), abs=1e-4)
+            float(verifier.score([(PARAPHRASE, STORED, hit.similarity)])[0]), abs=1e-4)
         exact = c.lookup(STORED)  # exact hits need no verification
         assert exact.hit and exact.tier == "exact" and exact.verifier_score is None
         stats = c.stats()
@@ -65,3 +65,32 @@ def test_miss_reasons(client: Client, namespace: str) -> None:
     long_prompt = "word " * 2000
     assert client.lookup(long_prompt, namespace=namespace).miss_reason == "too_long"
     assert client.lookup(STORED, namespace=namespace, scope={"model": "a"}).miss_reason == ""
+
+
+def test_card_fusion_applies_only_with_its_own_embedder(verifier_folder, encoder, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A tuned verifier's card may fuse the embedder's cosine with the verifier's logit; the
+    weights belong to the card's base model, so another embedder gets the plain score."""
+    import json
+    import math
+    import shutil
+
+    from stratacache.embed import ModelIdentity
+    from stratacache.verify import Verifier
+
+    folder = tmp_path / "fused"
+    shutil.copytree(verifier_folder, folder)
+    weights = {"intercept": -4.0, "cosine": 5.0, "verifier_logit": 0.5}
+    (folder / "stratacache-card.json").write_text(json.dumps({
+        "base": {"name": "all-MiniLM-L6-v2", "fingerprint": encoder.identity.fingerprint},
+        "score_both_orders": False,
+        "metrics": {"fusion_with_base_cosine": {"weights": weights}}}))
+    plain = Verifier(verifier_folder, device="cpu")
+    fused = Verifier(folder, device="cpu", embedder=encoder.identity)
+    other = Verifier(folder, device="cpu", embedder=ModelIdentity("other", 384, "f" * 32))
+    assert fused.identity.fused and not other.identity.fused
+    assert fused.identity.scorer != other.identity.scorer  # evidence is re-scored on change
+    item = (PARAPHRASE, STORED, 0.9)
+    raw = float(plain.score([item])[0])
+    z = -4.0 + 5.0 * 0.9 + 0.5 * math.log(raw / (1 - raw))
+    assert float(fused.score([item])[0]) == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-5)
+    assert float(other.score([item])[0]) == pytest.approx(raw, abs=1e-6)

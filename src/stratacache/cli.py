@@ -173,7 +173,8 @@ async def serve(settings: Settings) -> None:
     if settings.verifier is not None:
         from .verify import Verifier
 
-        verifier = await asyncio.to_thread(Verifier, settings.verifier, device=settings.device)
+        verifier = await asyncio.to_thread(Verifier, settings.verifier, device=settings.device,
+                                           embedder=encoder.identity)
     engine = await Engine.open(settings, encoder, verifier=verifier)
     try:
         server = CacheServer(engine, settings)

@@ -140,7 +140,7 @@ class Engine:
                          verify_threshold=settings.verify_threshold,
                          max_wrong_rate=settings.max_wrong_rate, has_verifier=verifier is not None),
                 embedder_id=encoder.identity.fingerprint,
-                verifier_id=None if verifier is None else verifier.identity.fingerprint)
+                verifier_id=None if verifier is None else verifier.identity.scorer)
         except BaseException:
             self._dir.close()
             raise
@@ -150,7 +150,7 @@ class Engine:
             encoder.encode_whole, name="embedding", flag="--embed-max-queue",
             max_batch=settings.embed_max_batch, max_wait_s=settings.embed_max_wait_ms / 1000,
             max_queue=settings.embed_max_queue, executor=self._model_thread)
-        self._verifier: Batcher[tuple[str, str], float] | None = None if verifier is None else Batcher(
+        self._verifier: Batcher[tuple[str, str, float], float] | None = None if verifier is None else Batcher(
             lambda pairs: verifier.score(pairs).tolist(), name="verification",
             flag="--embed-max-queue", max_batch=settings.verify_max_batch, max_wait_s=0.0,
             max_queue=settings.embed_max_queue, executor=self._model_thread)
@@ -213,19 +213,14 @@ class Engine:
         """(cosine, verifier score) of each (query, matched) pair, None where a text is longer
         than the embedder reads. Blocking: runs on the model thread."""
         vectors = self.encoder.encode_whole([t for p in pairs for t in p])
-        out: list[tuple[float, float | None] | None] = []
-        readable = [i for i in range(len(pairs))
-                    if vectors[2 * i] is not None and vectors[2 * i + 1] is not None]
-        verified = (self.verifier.score([pairs[i] for i in readable]).tolist()
+        cosines = {i: float(np.dot(vectors[2 * i], vectors[2 * i + 1]))  # type: ignore[arg-type]
+                   for i in range(len(pairs))
+                   if vectors[2 * i] is not None and vectors[2 * i + 1] is not None}
+        readable = list(cosines)
+        verified = (self.verifier.score([(*pairs[i], cosines[i]) for i in readable]).tolist()
                     if self.verifier is not None and readable else [None] * len(readable))
         by_index = dict(zip(readable, verified))
-        for i in range(len(pairs)):
-            if i not in by_index:
-                out.append(None)
-                continue
-            a, b = vectors[2 * i], vectors[2 * i + 1]
-            out.append((float(np.dot(a, b)), by_index[i]))  # type: ignore[arg-type]
-        return out
+        return [(cosines[i], by_index[i]) if i in cosines else None for i in range(len(pairs))]
 
     # --- Lookup -------------------------------------------------------------------------------
 
@@ -322,7 +317,7 @@ class Engine:
                 MissReason.BELOW_SIMILARITY
         assert self._verifier is not None
         with self.metrics.stage("verify"):
-            scores = await self._verifier.submit_many([(prompt, e.prompt) for e, _ in passed])
+            scores = await self._verifier.submit_many([(prompt, e.prompt, s) for e, s in passed])
         best = int(np.argmax(scores))
         if scores[best] >= threshold:
             entry, similarity = passed[best]
@@ -640,12 +635,12 @@ class Engine:
         if vector is None:
             raise InvalidArgument("prompt is longer than the embedding model reads: it can only "
                                   "have been served as an exact hit, to its own prompt")
+        similarity = float(np.dot(entry.vector, vector))
         score = None
         if self._verifier is not None:
-            score = (await self._verifier.submit_many([(prompt, entry.prompt)]))[0]
+            score = await self._verifier.submit((prompt, entry.prompt, similarity))
         await self.policies.add(namespace, [Observation(
-            prompt, entry.prompt, correct, float(np.dot(entry.vector, vector)), score,
-            "feedback", entry_id)])
+            prompt, entry.prompt, correct, similarity, score, "feedback", entry_id)])
         deleted = False
         if not correct:
             reports = self.policies.add_veto(namespace, entry_id, vector)

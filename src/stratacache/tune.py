@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .embed import weights_fingerprint
 from .errors import InvalidArgument
 from .pairs import (STANDARD_PARTS, LabelledPair, TextClusters, read_pairs, split,
                     write_pairs)
@@ -234,6 +235,38 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> np.ndarray:
         if np.abs(step).max() < 1e-8:
             break
     return w
+
+
+#: Scoring both orders doubles the verifier's cost per lookup: worth it only when it gains at
+#: least this much precision at recall 0.50 on the held-back part.
+BOTH_ORDERS_MIN_GAIN = 0.005
+
+
+def verifier_metrics(forward: np.ndarray, backward: np.ndarray, base_cosine: dict[str, Any],
+                     held: Sequence[LabelledPair]) -> dict[str, Any]:
+    """The card's metrics: one order, the mean of both, the base cosine, the choice of scoring
+    (``score_both_orders``) and the logistic fusion of cosine and the chosen score."""
+    labels = [p.duplicate for p in held]
+    one_order = curve_metrics(forward, labels)
+    both_orders = curve_metrics((forward + backward) / 2, labels)
+    gain = ((both_orders["precision_at_recall_0.50"] or 0)
+            - (one_order["precision_at_recall_0.50"] or 0))
+    both = gain >= BOTH_ORDERS_MIN_GAIN
+    metrics: dict[str, Any] = {
+        "part": HELDOUT_PART,
+        "score_both_orders": both,
+        # the score the server uses: the mean of both orders only when it pays for itself
+        "verifier": both_orders if both else one_order,
+        "verifier_one_order": one_order,  # (cached, query) only
+        "verifier_mean_of_orders": both_orders,
+        "base_cosine": {k: v for k, v in base_cosine.items() if k != "scores"},
+    }
+    try:
+        used = (forward + backward) / 2 if both else forward
+        metrics["fusion_with_base_cosine"] = fusion(base_cosine["scores"], used, held)
+    except (np.linalg.LinAlgError, ValueError) as exc:  # degenerate held-back part
+        log.warning("no fusion metrics: %s", exc)
+    return metrics
 
 
 def fusion(cosine: np.ndarray, verifier: np.ndarray, pairs: Sequence[LabelledPair],
@@ -664,7 +697,8 @@ def _card(kind: str, args: argparse.Namespace, data: Data, base_path: Path, base
     return {
         "kind": kind,
         "format": CARD_FORMAT,
-        "base": {"name": base_name, "path": str(base_path)},
+        "base": {"name": base_name, "path": str(base_path),
+                 "fingerprint": weights_fingerprint(base_path)},
         "pairs": {"path": str(data.pairs_path.resolve()), "sha256": data.pairs_sha256,
                   "limit": args.limit or None},
         "split": {"salt": SPLIT_SALT, "fractions": dict(STANDARD_PARTS),
@@ -751,27 +785,14 @@ def _tune_verifier(args: argparse.Namespace, data: Data, base_path: Path, base_n
              seconds / 60, len(held))
     labels = [p.duplicate for p in held]
     forward, backward = verifier_scores(model, held)
-    one_order = curve_metrics(forward, labels)
-    both_orders = curve_metrics((forward + backward) / 2, labels)
-    metrics: dict[str, Any] = {
-        "part": HELDOUT_PART,
-        # as the card's "score" says: the mean of both orders when symmetric
-        "verifier": both_orders if args.symmetric else one_order,
-        "verifier_one_order": one_order,  # (cached, query) only
-        "verifier_mean_of_orders": both_orders,
-        "base_cosine": {k: v for k, v in base_cosine.items() if k != "scores"},
-    }
-    try:
-        verifier_used = (forward + backward) / 2 if args.symmetric else forward
-        metrics["fusion_with_base_cosine"] = fusion(base_cosine["scores"], verifier_used, held)
-    except (np.linalg.LinAlgError, ValueError) as exc:  # degenerate held-back part
-        log.warning("no fusion metrics: %s", exc)
+    metrics = verifier_metrics(forward, backward, base_cosine, held)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     card = _card("verifier", args, data, base_path, base_name, device, steps, len(dataset),
                  seconds, resumed, metrics, symmetric=bool(args.symmetric),
+                 score_both_orders=metrics["score_both_orders"],
                  max_length=args.max_length, loss="BinaryCrossEntropyLoss",
-                 score="mean of sigmoid(a, b) and sigmoid(b, a)" if args.symmetric
+                 score="mean of sigmoid(a, b) and sigmoid(b, a)" if metrics["score_both_orders"]
                  else "sigmoid(cached, query)")
     _write_card(out, card)
     log.info(_metrics_line("verifier on the held-back part", metrics["verifier"]))
