@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from stratacache import Client
 from stratacache.client import InvalidArgumentError
+from stratacache.errors import InvalidArgument
 
 STORED = "How do I reset my account password?"
 PARAPHRASE = "How can I reset the password of my account?"
@@ -94,3 +96,15 @@ def test_card_fusion_applies_only_with_its_own_embedder(verifier_folder, encoder
     z = -4.0 + 5.0 * 0.9 + 0.5 * math.log(raw / (1 - raw))
     assert float(fused.score([item])[0]) == pytest.approx(1 / (1 + math.exp(-z)), abs=1e-5)
     assert float(other.score([item])[0]) == pytest.approx(raw, abs=1e-6)
+
+
+def test_int8_verifier_scores_close_to_full_precision(verifier_folder) -> None:  # type: ignore[no-untyped-def]
+    from stratacache.verify import Verifier
+
+    full = Verifier(verifier_folder, device="cpu")
+    small = Verifier(verifier_folder, device="cpu", quantize="int8")
+    assert small.quantized and small.identity.scorer != full.identity.scorer
+    items = [(PARAPHRASE, STORED, 0.9), ("What is a cat?", "How do engines work?", 0.1)]
+    assert np.allclose(small.score(items), full.score(items), atol=0.05)
+    with pytest.raises(InvalidArgument, match="none or int8"):
+        Verifier(verifier_folder, device="cpu", quantize="fp16")

@@ -102,6 +102,9 @@ SERVE_FLAGS = (
           "with a verifier: most candidates per tier it scores (each costs one model pass)"),
     _Flag("verify_max_batch", int, config.DEFAULT_VERIFY_MAX_BATCH,
           "with a verifier: most pairs per verifier pass"),
+    _Flag("verify_quantize", str, config.DEFAULT_VERIFY_QUANTIZE,
+          "with a verifier on the CPU: int8 (dynamic int8 linear layers, about 1.9x faster, "
+          "scores within ~0.02) or none"),
     _Flag("max_wrong_rate", float, None,
           "default wrong-hit bound for namespaces that set none, in (0, 1), e.g. 0.01: the "
           "threshold is calibrated on each namespace's labelled evidence (`stratacache "
@@ -174,7 +177,8 @@ async def serve(settings: Settings) -> None:
         from .verify import Verifier
 
         verifier = await asyncio.to_thread(Verifier, settings.verifier, device=settings.device,
-                                           embedder=encoder.identity)
+                                           embedder=encoder.identity,
+                                           quantize=settings.verify_quantize)
     engine = await Engine.open(settings, encoder, verifier=verifier)
     try:
         server = CacheServer(engine, settings)

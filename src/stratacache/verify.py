@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,19 +47,25 @@ class VerifierIdentity:
     fingerprint: str
     symmetric: bool
     fused: bool
+    int8: bool = False
 
     @property
     def scorer(self) -> str:
-        return f"{self.fingerprint}:{'both' if self.symmetric else 'one'}:{'fused' if self.fused else 'raw'}"
+        return ":".join((self.fingerprint, "both" if self.symmetric else "one",
+                         "fused" if self.fused else "raw", "int8" if self.int8 else "fp"))
 
 
 class Verifier:
     """One loaded cross-encoder. ``score`` blocks: call it off the event loop."""
 
     def __init__(self, folder: str | Path, *, device: str = "auto",
-                 embedder: ModelIdentity | None = None) -> None:
+                 embedder: ModelIdentity | None = None, quantize: str = "none") -> None:
         """Loads the verifier; ``embedder``: the server's embedding model, whose cosines the
-        card's fusion may combine with the verifier's score."""
+        card's fusion may combine with the verifier's score; ``quantize="int8"``: on the CPU,
+        dynamic int8 weights for the linear layers (about 1.9x faster per pair here, scores
+        within ~0.02; calibration uses the server's own scores, so bounds stay valid)."""
+        if quantize not in ("none", "int8"):
+            raise InvalidArgument(f"--verify-quantize must be none or int8, not {quantize!r}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         from sentence_transformers import CrossEncoder
@@ -82,6 +89,7 @@ class Verifier:
             raise InvalidArgument(
                 f"verifier {str(path)!r} has {labels} outputs; a verifier scores a pair with one "
                 "(train one with `stratacache tune`)")
+        self.quantized = quantize == "int8" and self.device == "cpu" and self._quantize()
         fusion = ((card.get("metrics") or {}).get("fusion_with_base_cosine") or {}).get("weights")
         base = (card.get("base") or {}).get("fingerprint")
         self._fusion: tuple[float, float, float] | None = None
@@ -94,10 +102,27 @@ class Verifier:
         both = card.get("score_both_orders", card.get("symmetric", False))
         self.identity = VerifierIdentity(name=str(card.get("name") or path.resolve().name),
                                          fingerprint=weights_fingerprint(path),
-                                         symmetric=bool(both), fused=self._fusion is not None)
-        log.info("loaded verifier %s on %s in %.1f s (%s order%s%s)", self.identity.name,
+                                         symmetric=bool(both), fused=self._fusion is not None,
+                                         int8=self.quantized)
+        log.info("loaded verifier %s on %s in %.1f s (%s order%s%s%s)", self.identity.name,
                  self.device, time.perf_counter() - started, "both" if both else "one",
-                 "s" if both else "", ", fused with cosine" if self._fusion else "")
+                 "s" if both else "", ", fused with cosine" if self._fusion else "",
+                 ", int8" if self.quantized else "")
+
+    def _quantize(self) -> bool:
+        """Dynamic int8 linear layers (torch's eager API, deprecated in favour of torchao but
+        present in this torch); False, with full precision kept, where it is gone."""
+        import torch
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the deprecation notices of the API itself
+                self._model.model = torch.ao.quantization.quantize_dynamic(
+                    self._model.model, {torch.nn.Linear}, dtype=torch.qint8)
+        except (AttributeError, ImportError, RuntimeError) as exc:
+            log.warning("int8 verifier unavailable in this torch (%s): full precision", exc)
+            return False
+        return True
 
     def score(self, items: Sequence[tuple[str, str, float]]) -> np.ndarray:
         """Score in [0, 1] that serving the stored prompt's answer for the lookup prompt is
