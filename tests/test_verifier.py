@@ -99,11 +99,14 @@ def test_card_fusion_applies_only_with_its_own_embedder(verifier_folder, encoder
 
 
 def test_int8_verifier_scores_close_to_full_precision(verifier_folder) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
     from stratacache.verify import Verifier
 
     full = Verifier(verifier_folder, device="cpu")
     small = Verifier(verifier_folder, device="cpu", quantize="int8")
     assert small.quantized and small.identity.scorer != full.identity.scorer
+    assert not any(type(m) is torch.nn.Linear for m in small._model.model.modules())
     items = [(PARAPHRASE, STORED, 0.9), ("What is a cat?", "How do engines work?", 0.1)]
     assert np.allclose(small.score(items), full.score(items), atol=0.05)
     with pytest.raises(InvalidArgument, match="none or int8"):

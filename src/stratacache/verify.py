@@ -117,8 +117,9 @@ class Verifier:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the deprecation notices of the API itself
-                self._model.model = torch.ao.quantization.quantize_dynamic(
-                    self._model.model, {torch.nn.Linear}, dtype=torch.qint8)
+                # in place: CrossEncoder.model is a read-only view of its module
+                torch.ao.quantization.quantize_dynamic(
+                    self._model.model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
         except (AttributeError, ImportError, RuntimeError) as exc:
             log.warning("int8 verifier unavailable in this torch (%s): full precision", exc)
             return False
