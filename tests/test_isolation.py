@@ -48,7 +48,9 @@ def test_scope_filter_costs_no_recall(server, namespace: str) -> None:  # type: 
     to the query (the query itself) sit under other scopes."""
 
     async def fill() -> None:
-        async with AsyncClient(server.target) as c:
+        # 1,000 Stores at once take several seconds of embedding on 2 cores: more than the
+        # default 10 s store deadline leaves on a busy machine. This test is about recall.
+        async with AsyncClient(server.target, timeout=120) as c:
             await c.store(QUESTION, "under S", namespace=namespace, scope={"conv": "S"})
             await asyncio.gather(*(
                 c.store(PARAPHRASE, f"other {i}", namespace=namespace, scope={"conv": f"o{i}"})
