@@ -30,13 +30,17 @@ from scipy.stats import beta
 CONFIDENCE = 0.95
 
 
+def upper_bounds(wrong: np.ndarray, served: np.ndarray,
+                 confidence: float = CONFIDENCE) -> np.ndarray:
+    """One-sided Clopper-Pearson upper confidence bounds on rates seen as ``wrong``/``served``
+    (1 where nothing was served or everything was wrong)."""
+    wrong, served = np.asarray(wrong), np.asarray(served)
+    return np.where((served <= 0) | (wrong >= served), 1.0,
+                    beta.ppf(confidence, wrong + 1, np.maximum(served - wrong, 1)))
+
+
 def upper_bound(wrong: int, served: int, confidence: float = CONFIDENCE) -> float:
-    """One-sided Clopper-Pearson upper confidence bound on a rate seen as ``wrong``/``served``."""
-    if served <= 0:
-        return 1.0
-    if wrong >= served:
-        return 1.0
-    return float(beta.ppf(confidence, wrong + 1, served - wrong))
+    return float(upper_bounds(np.array([wrong]), np.array([served]), confidence)[0])
 
 
 def minimum_served(max_wrong_rate: float, confidence: float = CONFIDENCE) -> int:
@@ -132,8 +136,7 @@ def calibrate(scores: Sequence[float] | np.ndarray, correct: Sequence[bool] | np
     ends = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if len(s) else np.array([], int)
     served_at = ends + 1
     wrong_at = wrong_so_far[ends] if len(ends) else np.array([], int)
-    bounds = np.where(wrong_at >= served_at, 1.0,
-                      beta.ppf(each, wrong_at + 1, np.maximum(served_at - wrong_at, 1)))
+    bounds = upper_bounds(wrong_at, served_at, each)
     best: tuple[float, int, int, float] | None = None
     first_bound = 1.0
     for n, start in enumerate(starts):

@@ -45,7 +45,7 @@ from .errors import InvalidArgument, NotFound, Unavailable
 from .messages import (LookupRequest, LookupResult, MissReason, NamespaceStats, StageStats, Stats,
                        StoreRequest, StoreResult, TierStats)
 from .metrics import Metrics
-from .policy import Defaults, Observation, Policy, PolicyBook, PolicyStatus, Rule
+from .policy import Defaults, Observation, Policy, PolicyBook, PolicyStatus
 from .records import Entry, Tier
 from .tiers.base import Candidate
 from .tiers.cold import ColdTier

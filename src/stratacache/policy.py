@@ -150,7 +150,6 @@ class PolicyBook:
         self._evidence: dict[str, _Evidence] = {}
         self._rules: dict[str, Rule] = {}
         self._vetoes: dict[str, np.ndarray] = {}
-        self._wrong_reports: dict[str, int] = {}
         self._vetoed_by_namespace: dict[str, set[str]] = {}
 
     # --- start-up -----------------------------------------------------------------------------
@@ -316,9 +315,8 @@ class PolicyBook:
         held = self._vetoes.get(entry_id)
         row = query_vector.reshape(1, -1).astype(np.float32)
         self._vetoes[entry_id] = row if held is None else np.vstack([held, row])
-        self._wrong_reports[entry_id] = self._wrong_reports.get(entry_id, 0) + 1
         self._vetoed_by_namespace.setdefault(namespace, set()).add(entry_id)
-        return self._wrong_reports[entry_id]
+        return len(self._vetoes[entry_id])  # one veto row per wrong report
 
     def vetoed(self, entry_id: str, query_vector: np.ndarray) -> bool:
         held = self._vetoes.get(entry_id)

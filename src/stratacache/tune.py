@@ -783,7 +783,6 @@ def _tune_verifier(args: argparse.Namespace, data: Data, base_path: Path, base_n
     held = data.parts[HELDOUT_PART]
     log.info("verifier: trained %d steps in %.1f min; scoring the %d held-back pairs", steps,
              seconds / 60, len(held))
-    labels = [p.duplicate for p in held]
     forward, backward = verifier_scores(model, held)
     metrics = verifier_metrics(forward, backward, base_cosine, held)
     out.mkdir(parents=True, exist_ok=True)
