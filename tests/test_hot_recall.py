@@ -20,7 +20,7 @@ def test_hnsw_recall_at_1_against_exact_search(encoder) -> None:  # type: ignore
     hot = HotTier(384, capacity=10_000, m=16, ef_construction=200, ef_search=64,
                   hnsw_min_entries=64)
     for i, v in enumerate(stored):
-        hot.add(Entry(id=f"{i:032x}", namespace="n", partition=b"p", exact_key=bytes([i % 256]) * 16,
+        hot.hold(Entry(id=f"{i:032x}", namespace="n", partition=b"p", exact_key=bytes([i % 256]) * 16,
                       prompt=texts[i], response=b"", vector=v, created_at=0.0))
     exact, _ = _core.topk_ip(queries, stored, 1)
     now = time.time()

@@ -12,6 +12,8 @@ GPT = {"model": "gpt-4o", "temperature": "0"}
 
 
 def test_other_namespace_never_hits(client: Client) -> None:
+    for namespace in ("team-a", "team-b"):  # an admin's floor of 0: any candidate would be served
+        client.set_policy(namespace, min_similarity=0.0)
     client.store(QUESTION, "a", namespace="team-a")
     assert client.lookup(QUESTION, namespace="team-a").hit
     assert not client.lookup(QUESTION, namespace="team-b").hit
@@ -19,6 +21,7 @@ def test_other_namespace_never_hits(client: Client) -> None:
 
 
 def test_other_scope_never_hits(client: Client, namespace: str) -> None:
+    client.set_policy(namespace, min_similarity=0.0)
     client.store(QUESTION, "gpt answer", namespace=namespace, scope=GPT)
     for scope in ({}, {"model": "gpt-4o"}, {**GPT, "temperature": "0.7"},
                   {**GPT, "system": "You are a pirate."}):
@@ -30,6 +33,7 @@ def test_other_scope_never_hits(client: Client, namespace: str) -> None:
 
 
 def test_template_version_must_match(client: Client, namespace: str) -> None:
+    client.set_policy(namespace, min_similarity=0.0)
     client.store(QUESTION, "v1 answer", namespace=namespace, template_id="faq",
                  template_version="v1")
     assert client.lookup(QUESTION, namespace=namespace, template_id="faq",
@@ -58,6 +62,7 @@ def test_scope_filter_costs_no_recall(server, namespace: str) -> None:  # type: 
 
     asyncio.run(fill())
     with server.client() as c:
+        c.set_policy(namespace, min_similarity=0.7)
         result = c.lookup(PARAPHRASE, namespace=namespace, scope={"conv": "S"},
                           min_similarity=0.7)
         assert result.hit and result.text == "under S" and result.tier == "hot"

@@ -10,9 +10,10 @@ PARAPHRASE = "What is the fastest way to learn Python?"
 UNRELATED = "What is the boiling point of water at sea level?"
 
 
-def test_paraphrase_hits_and_unrelated_prompt_misses(client: Client) -> None:
-    entry_id = client.store(QUESTION, "Practice every day.")
-    hit = client.lookup(PARAPHRASE, min_similarity=0.8)
+def test_paraphrase_hits_and_unrelated_prompt_misses(client: Client, namespace: str) -> None:
+    client.set_policy(namespace, min_similarity=0.8)
+    entry_id = client.store(QUESTION, "Practice every day.", namespace=namespace)
+    hit = client.lookup(PARAPHRASE, namespace=namespace)
     assert hit.hit
     assert hit.text == "Practice every day."
     assert hit.entry_id == entry_id
@@ -21,7 +22,7 @@ def test_paraphrase_hits_and_unrelated_prompt_misses(client: Client) -> None:
     assert 0.8 <= hit.similarity < 1.0
     assert hit.age_s >= 0
 
-    miss = client.lookup(UNRELATED)
+    miss = client.lookup(UNRELATED, namespace=namespace)
     assert not miss.hit
     assert miss.response == b"" and miss.entry_id == "" and miss.tier == ""
     assert miss.best_similarity < 0.5
@@ -40,10 +41,11 @@ def test_default_threshold_rejects_a_near_miss(client: Client) -> None:
 
 
 def test_store_replaces_entry_with_same_exact_key(client: Client) -> None:
+    client.set_policy("default", min_similarity=0.8)
     first = client.store(QUESTION, "old answer")
     second = client.store(QUESTION, "new answer")
     assert first != second
     result = client.lookup(QUESTION)
     assert result.text == "new answer" and result.entry_id == second
-    assert client.lookup(PARAPHRASE, min_similarity=0.8).entry_id == second
+    assert client.lookup(PARAPHRASE).entry_id == second
     assert client.stats()["hot"]["entries"] == 1

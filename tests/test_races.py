@@ -14,20 +14,20 @@ from stratacache.embed import Encoder
 from stratacache.engine import Engine
 from stratacache.messages import LookupRequest, StoreRequest
 from stratacache.records import Tier
+from stratacache.tiers.base import Filter
 
 from .test_tiers import BIG, TOPICS
 
 
 def _settings(path: Path, **overrides: object) -> Settings:
     values = {"data_dir": path, "port": 0, "sweep_interval_s": 3600.0,
-              "hot_capacity": 4, "warm_max_bytes": 1 << 20}
+              "hot_capacity": 4, "warm_max_bytes": 1 << 20, "min_similarity": 0.7}
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
 
 
 async def _settled(engine: Engine) -> None:
-    while engine._background:
-        await asyncio.sleep(0.01)
+    await engine.settled()
 
 
 async def _filled(encoder: Encoder, path: Path) -> tuple[Engine, list[str]]:
@@ -45,7 +45,7 @@ def _cold_only(engine: Engine, ids: list[str]) -> tuple[str, str]:
 
 async def _gone(engine: Engine, prompt: str, entry_id: str) -> bool:
     await _settled(engine)
-    in_cold = await engine.cold.ids_where("id = ?", (entry_id,))
+    in_cold = await engine.cold.infos(Filter(ids={entry_id}))
     results = [await engine.lookup(LookupRequest(prompt=q, min_similarity=0.7))
                for q in (prompt, prompt + " Please explain.")]
     return (entry_id not in engine.hot and entry_id not in engine.warm and not in_cold
@@ -145,7 +145,7 @@ def test_prompts_longer_than_the_model_reads_match_exactly_only(encoder: Encoder
     other = document + "\nQuestion: How many days do I have to return a jacket?"
 
     async def scenario() -> None:
-        engine = await Engine.open(_settings(tmp_path / "d"), encoder)
+        engine = await Engine.open(_settings(tmp_path / "d", min_similarity=0.0), encoder)
         await engine.store(StoreRequest(prompt=first, response=b"No."))
         assert not (await engine.lookup(LookupRequest(prompt=other, min_similarity=0.0))).hit
         assert (await engine.lookup(LookupRequest(prompt=first))).tier is Tier.EXACT

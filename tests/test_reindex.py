@@ -29,6 +29,7 @@ from stratacache.engine import Engine
 from stratacache.errors import DataDirMismatch
 from stratacache.messages import LookupRequest, StoreRequest
 from stratacache.records import Entry, Tier
+from stratacache.tiers.base import EVERYTHING
 from stratacache.reindex import add_arguments, reindex, run
 from stratacache.tiers import cold, warm
 
@@ -73,7 +74,7 @@ def other_encoder(other_model: Path) -> Encoder:
 def _settings(path: Path) -> Settings:
     # Small budgets: of 20 entries of 64 KiB, 4 stay in memory and the oldest move to cold.
     return Settings(data_dir=path, port=0, sweep_interval_s=3600.0, hot_capacity=4,
-                    warm_max_bytes=1 << 20)
+                    warm_max_bytes=1 << 20, min_similarity=0.7)
 
 
 def _fill(encoder: Encoder, path: Path) -> list[str]:
@@ -134,9 +135,8 @@ def _lookups(encoder: Encoder, path: Path, ids: list[str]) -> None:
     async def check() -> None:
         engine = await Engine.open(_settings(path), encoder)
         try:
-            while engine._background:  # demotions of a warm tier over budget at start-up
-                await asyncio.sleep(0.01)
-            in_cold = set(await engine.cold.ids_where("1", ()))
+            await engine.settled()  # demotions of a warm tier over budget at start-up
+            in_cold = {i.id for i in await engine.cold.infos(EVERYTHING)}
             index = next(i for i, e in enumerate(ids[:len(TOPICS)])
                          if e in in_cold and e not in engine.warm and e not in engine.hot)
             query = TOPICS[index] + " Please explain."

@@ -38,7 +38,7 @@ def _wait_for(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-unty
 
 
 def _fill_to_cold(start_server):  # type: ignore[no-untyped-def]
-    server = start_server(hot_capacity=4, warm_max_bytes=1 << 20)
+    server = start_server(hot_capacity=4, warm_max_bytes=1 << 20, min_similarity=0.7)
     with server.client() as c:
         ids = [c.store(t, BIG + t.encode()) for t in TOPICS]
         _wait_for(lambda: c.stats()["cold"]["entries"] > 0)
@@ -67,7 +67,7 @@ def test_entries_demoted_hot_to_warm_to_cold_are_still_found(start_server) -> No
             engine = server.engine
             return [i for i, e in enumerate(ids) if e in engine.warm and e not in engine.hot]
 
-        _wait_for(lambda: not server.engine._background)
+        server.run(server.engine.settled())
         index = server.run(warm_only())[0]
         result = c.lookup(TOPICS[index] + " Please explain.", min_similarity=0.7)
         assert result.hit and result.tier == "warm" and result.entry_id == ids[index]
@@ -81,7 +81,7 @@ def test_restart_keeps_every_entry(start_server, tmp_path) -> None:  # type: ign
                          namespace="other", user_id="u1", template_id="t", template_version="1")
         before = c.stats()
     server.stop()
-    again = start_server(hot_capacity=4, warm_max_bytes=1 << 20)
+    again = start_server(hot_capacity=4, warm_max_bytes=1 << 20, min_similarity=0.7)
     with again.client() as c:
         after = c.stats()
         assert (after["warm"]["entries"] + after["cold"]["entries"]
@@ -100,14 +100,17 @@ def test_restart_keeps_every_entry(start_server, tmp_path) -> None:  # type: ign
 def test_ttl_expiry(server) -> None:  # type: ignore[no-untyped-def]
     with server.client() as c:
         c.store("What is the weather in Paris today?", "sunny", ttl_s=0.5)
+        stored_by = time.time()  # the entry's clock started before this
         c.store("What is the population of Paris?", "2.1 million")
-        assert c.lookup("What is the weather in Paris today?").hit
-        time.sleep(0.7)
+        c.store("What is the area of Paris?", "105 km2", ttl_s=3600)
+        assert c.lookup("What is the area of Paris?").hit  # not yet expired: served
+        _wait_for(lambda: time.time() > stored_by + 0.5)  # the first TTL has passed
         assert not c.lookup("What is the weather in Paris today?").hit
-        assert c.lookup("How is the weather in Paris today?", min_similarity=0.0).text != "sunny"
+        c.set_policy("default", min_similarity=0.0)  # any candidate would now be served
+        assert c.lookup("How is the weather in Paris today?").text != "sunny"
         assert server.run(server.engine.sweep_expired()) == 1
         stats = c.stats()
-        assert stats["expired"] == 1 and stats["warm"]["entries"] == 1
+        assert stats["expired"] == 1 and stats["warm"]["entries"] == 2
         assert c.lookup("What is the population of Paris?").hit
 
 

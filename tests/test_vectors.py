@@ -43,7 +43,7 @@ def test_hot_tier_bounds_bytes_as_well_as_entries() -> None:
                   ef_search=32)
     vector = np.array([1, 0, 0, 0], dtype=np.float32)
     for i in range(10):
-        dropped = hot.add(Entry(id=f"{i:032x}", namespace="n", partition=b"p",
+        dropped = hot.hold(Entry(id=f"{i:032x}", namespace="n", partition=b"p",
                                 exact_key=bytes([i]) * 16, prompt="q", response=b"r" * 65_536,
                                 vector=vector, created_at=0.0))
         assert len(hot) <= 3 and hot.bytes <= 3 * 70_000

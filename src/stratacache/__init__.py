@@ -5,13 +5,15 @@ Gateways use :class:`Client` (or :class:`AsyncClient`) to ``lookup`` before a mo
 """
 
 from .client import (AsyncClient, Client, DeadlineExceededError, InvalidArgumentError,
-                     LookupResult, NotFoundError, OverloadedError, ServerError, StratacacheError,
-                     Timeout, UnauthenticatedError, UnavailableError)
+                     LookupResult, NotFoundError, OverloadedError, PermissionDeniedError,
+                     ServerError, StorageFullError, StratacacheError, Timeout,
+                     UnauthenticatedError, UnavailableError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "Client", "DeadlineExceededError", "InvalidArgumentError", "LookupResult",
-    "NotFoundError", "OverloadedError", "ServerError", "StratacacheError", "Timeout",
-    "UnauthenticatedError", "UnavailableError", "__version__",
+    "NotFoundError", "OverloadedError", "PermissionDeniedError", "ServerError",
+    "StorageFullError", "StratacacheError", "Timeout", "UnauthenticatedError",
+    "UnavailableError", "__version__",
 ]

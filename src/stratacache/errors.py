@@ -4,7 +4,9 @@
     ├── InvalidArgument      -> INVALID_ARGUMENT   (the caller must change the request)
     ├── NotFound             -> NOT_FOUND
     ├── Overloaded           -> RESOURCE_EXHAUSTED (retry later, with backoff)
-    ├── StorageFull          -> RESOURCE_EXHAUSTED (an admin must raise a budget)
+    ├── StorageFull          -> FAILED_PRECONDITION (disk budget or disk full: an admin must act;
+    │                                                retrying the same call will not help)
+    ├── StorageFailed        -> INTERNAL           (a tier's disk failed; the message says what)
     ├── Unavailable          -> UNAVAILABLE        (the server is shutting down)
     └── DataDirMismatch      -> raised at start-up: the data directory belongs to another model
 
@@ -31,7 +33,12 @@ class Overloaded(CacheError):
 
 
 class StorageFull(CacheError):
-    """A tier cannot take more data even after demotion."""
+    """A tier cannot take more data: its budget or the disk is full, even after demotion."""
+
+
+class StorageFailed(CacheError):
+    """A durable tier failed (an I/O error, a damaged file). Lookups treat it as a miss; writes
+    report it."""
 
 
 class Unavailable(CacheError):

@@ -32,6 +32,8 @@ class StoreRequest:
     ttl_s: float | None = None
     user_id: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    #: ``time.monotonic()`` by which the caller gives up (its gRPC deadline); None = no deadline.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,8 @@ class LookupRequest:
     template_id: str | None = None
     template_version: str | None = None
     min_similarity: float | None = None
+    #: ``time.monotonic()`` by which the caller gives up (its gRPC deadline); None = no deadline.
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,6 +71,7 @@ class LookupResult:
     server_time_us: int = 0
     verifier_score: float | None = None
     miss_reason: MissReason | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,18 +29,16 @@ class StageSummary:
 
 @dataclass
 class Metrics:
-    """Counters since start; ``hits``, ``promotions`` and ``demotions`` are keyed by tier
-    (promotions[t]: entries copied up out of tier t; demotions[t]: entries moved down out of t,
-    or for the cold tier, evicted)."""
+    """Counters of the request paths since start; ``hits`` and ``tier_errors`` (lookups that
+    skipped a failing tier; EXACT for the exact-key step) are keyed by tier. Moves between
+    tiers are counted by the placement."""
 
     lookups: int = 0
     misses: int = 0
     stores: int = 0
-    expired: int = 0
     invalidated: int = 0
     hits: Counter[Tier] = field(default_factory=Counter)
-    promotions: Counter[Tier] = field(default_factory=Counter)
-    demotions: Counter[Tier] = field(default_factory=Counter)
+    tier_errors: Counter[Tier] = field(default_factory=Counter)
     _stages: dict[str, deque[float]] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
 

@@ -17,16 +17,18 @@ import asyncio
 import os
 import sqlite3
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 
 from .. import _core
-from ..records import Entry, decode, encode
-from .base import Candidate
+from ..errors import StorageFailed, StorageFull
+from ..records import Entry, EntryInfo, Tier as TierKind, decode, encode
+from .base import Candidate, Filter
 
 T = TypeVar("T")
 
@@ -63,7 +65,12 @@ class ColdTier:
         path: the database file.
         dimension: vector length.
         max_bytes: bound on stored bytes; past it the oldest entries are evicted (0 = none).
+
+    SQLite errors surface as :class:`~stratacache.errors.StorageFull` (disk full) or
+    :class:`~stratacache.errors.StorageFailed`; a failed write changes nothing.
     """
+
+    kind = TierKind.COLD
 
     def __init__(self, path: Path, dimension: int, *, max_bytes: int = 0) -> None:
         self.dimension = dimension
@@ -88,7 +95,8 @@ class ColdTier:
         return self._executor.submit(lambda: self._db.execute(sql, args).fetchall()).result()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _storage_errors,
+                                                                fn, *args)
 
     def __len__(self) -> int:
         return sum(self._counts.values())
@@ -126,25 +134,32 @@ class ColdTier:
         idx, scores = _core.topk_ip(query, matrix, k)
         return [Candidate(rows[i][0], float(s)) for i, s in zip(idx[0], scores[0])]
 
-    async def ids_where(self, where: str, args: tuple) -> list[str]:
-        rows = await self._run(
-            lambda: self._db.execute(f"SELECT id FROM entries WHERE {where}", args).fetchall())
-        return [r[0] for r in rows]
+    async def infos(self, where: Filter) -> list[EntryInfo]:
+        def select() -> list[EntryInfo]:
+            rows = []
+            for chunk in _chunks(where):
+                sql, args = _where(chunk)
+                rows += self._db.execute(
+                    "SELECT id, namespace, partition, exact_key, expires_at, template_id, "
+                    f"template_version, user_id, size FROM entries WHERE {sql}", args).fetchall()
+            return [EntryInfo(*row) for row in rows]
+
+        return await self._run(select)
+
+    def touch(self, entry_id: str) -> None:
+        """Nothing: the cold tier evicts by age, not by use (served entries move to warm)."""
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def put(self, entries: Sequence[Entry]) -> list[str]:
-        """Writes ``entries`` durably; returns ids evicted to stay under ``max_bytes``.
-        Shielded, like ``remove``: the counts kept in memory follow the database even when the
-        caller is cancelled."""
-        return await asyncio.shield(self._put(entries))
+    async def put(self, entries: Sequence[Entry], *, replacing: Collection[str] = ()) -> list[str]:
+        """Writes ``entries`` durably, deleting ``replacing`` in the same transaction; returns
+        ids evicted to stay under ``max_bytes``. Shielded, like ``remove``: the counts kept in
+        memory follow the database even when the caller is cancelled."""
+        return await asyncio.shield(self._put(entries, list(replacing)))
 
-    async def _put(self, entries: Sequence[Entry]) -> list[str]:
+    async def _put(self, entries: Sequence[Entry], replacing: list[str]) -> list[str]:
         rows = [_row(e) for e in entries]
-        replaced = await self._run(self._insert, rows)
-        for partition, size in replaced:
-            self._counts[partition] -= 1
-            self.bytes -= size
+        self._uncount(await self._run(self._insert, rows, replacing))
         for e, row in zip(entries, rows):
             self._counts[e.partition] += 1
             self.bytes += row[9]
@@ -152,20 +167,16 @@ class ColdTier:
             return await self._evict()
         return []
 
-    def _insert(self, rows: list[tuple]) -> list[tuple[bytes, int]]:
-        """Inserts rows in one transaction; returns (partition, size) of rows they replaced."""
-        replaced = []
+    def _insert(self, rows: list[tuple], replacing: list[str]) -> list[tuple[str, bytes, int]]:
+        """Inserts rows in one transaction (replacing rows with their ids, and deleting
+        ``replacing``); returns (id, partition, size) of the rows deleted."""
         with self._db:
             self._db.execute("BEGIN")
-            for row in rows:
-                old = self._db.execute("DELETE FROM entries WHERE id = ? RETURNING partition, size",
-                                       (row[0],)).fetchone()
-                if old:
-                    replaced.append((old[0], old[1]))
-                self._db.execute("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            replaced = self._delete_rows([row[0] for row in rows] + replacing)
+            self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         return replaced
 
-    async def remove(self, ids: Iterable[str]) -> list[str]:
+    async def remove(self, ids: Collection[str]) -> list[str]:
         """Removes entries; returns the ids that were here."""
         ids = list(ids)
         if not ids:
@@ -174,23 +185,31 @@ class ColdTier:
 
     async def _remove(self, ids: list[str]) -> list[str]:
         removed = await self._run(self._delete, ids)
+        self._uncount(removed)
+        return [entry_id for entry_id, _, _ in removed]
+
+    def _delete(self, ids: list[str]) -> list[tuple[str, bytes, int]]:
+        with self._db:
+            self._db.execute("BEGIN")
+            return self._delete_rows(ids)
+
+    def _delete_rows(self, ids: list[str]) -> list[tuple[str, bytes, int]]:
+        """Deletes rows inside the caller's transaction; returns (id, partition, size) of each
+        row that existed."""
+        removed = []
+        for entry_id in ids:
+            row = self._db.execute("DELETE FROM entries WHERE id = ? RETURNING partition, size",
+                                   (entry_id,)).fetchone()
+            if row:
+                removed.append((entry_id, row[0], row[1]))
+        return removed
+
+    def _uncount(self, removed: list[tuple[str, bytes, int]]) -> None:
         for _, partition, size in removed:
             self._counts[partition] -= 1
             if not self._counts[partition]:
                 del self._counts[partition]
             self.bytes -= size
-        return [entry_id for entry_id, _, _ in removed]
-
-    def _delete(self, ids: list[str]) -> list[tuple[str, bytes, int]]:
-        removed = []
-        with self._db:
-            self._db.execute("BEGIN")
-            for entry_id in ids:
-                row = self._db.execute("DELETE FROM entries WHERE id = ? RETURNING partition, size",
-                                       (entry_id,)).fetchone()
-                if row:
-                    removed.append((entry_id, row[0], row[1]))
-        return removed
 
     async def _evict(self) -> list[str]:
         over = self.bytes - self.max_bytes
@@ -212,6 +231,52 @@ class ColdTier:
         self._executor.submit(self._db.close).result()
         self._executor.shutdown(wait=True)
 
+
+
+def _storage_errors(fn: Callable[..., T], *args: object) -> T:
+    """Runs ``fn`` on the tier's thread, turning SQLite's errors into the engine's."""
+    try:
+        return fn(*args)
+    except sqlite3.Error as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            raise StorageFull("disk full: the cold tier (SQLite) could not write; nothing of "
+                              "this call was written. Free disk space or lower "
+                              "--cold-max-mib") from None
+        raise StorageFailed(f"cold tier (SQLite) failed: {exc}") from exc
+
+
+#: Values per ``IN (...)`` list (SQLite binds at most 32766 parameters a statement).
+_IN_CHUNK = 512
+
+
+def _chunks(f: Filter) -> Iterator[Filter]:
+    """``f`` split so that each part's id or exact-key list fits one statement."""
+    for name in ("ids", "exact_keys"):
+        values = getattr(f, name)
+        if values is not None and len(values) > _IN_CHUNK:
+            values = list(values)
+            for start in range(0, len(values), _IN_CHUNK):
+                yield replace(f, **{name: values[start:start + _IN_CHUNK]})
+            return
+    yield f
+
+
+def _where(f: Filter) -> tuple[str, tuple]:
+    """``f`` as an SQL condition over ``entries`` (indexed columns) and its arguments."""
+    terms, args = ["1"], []
+    for column, value in (("namespace", f.namespace), ("template_id", f.template_id),
+                          ("template_version", f.template_version), ("user_id", f.user_id)):
+        if value is not None:
+            terms.append(f"{column} = ?")
+            args.append(value)
+    if f.expired_by is not None:
+        terms.append("expires_at IS NOT NULL AND expires_at <= ?")
+        args.append(f.expired_by)
+    for column, values in (("id", f.ids), ("exact_key", f.exact_keys)):
+        if values is not None:
+            terms.append(f"{column} IN ({','.join('?' * len(values))})")
+            args.extend(values)
+    return " AND ".join(terms), tuple(args)
 
 
 def _row(e: Entry) -> tuple:

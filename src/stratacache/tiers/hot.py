@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Collection, Iterable, Sequence
 
 import hnswlib
 import numpy as np
 
-from ..records import Entry
-from .base import Candidate
+from ..records import Entry, EntryInfo, Tier as TierKind
+from .base import Candidate, Filter
 from .vectors import VectorMatrix
 
 #: Partitions with fewer entries are searched exactly; at this size they get an HNSW graph.
@@ -92,8 +92,12 @@ class HotTier:
     """In-memory entries with per-partition vector search, bounded by ``capacity`` entries and
     an estimate of ``max_bytes`` (0 = no byte bound).
 
-    All methods are synchronous and cheap; the engine calls them on its event loop thread.
+    The :class:`~stratacache.tiers.base.Tier` protocol's coroutines never suspend; the
+    synchronous ``peek``, ``hold`` and ``drop`` let the engine check and change the tier in one
+    step of its event loop.
     """
+
+    kind = TierKind.HOT
 
     def __init__(self, dimension: int, *, capacity: int, m: int, ef_construction: int,
                  ef_search: int, max_bytes: int = 0,
@@ -118,18 +122,22 @@ class HotTier:
         p = self._partitions.get(partition)
         return len(p.index) if p is not None else 0
 
-    def get(self, entry_id: str) -> Entry | None:
-        """The entry, marked as just used."""
-        entry = self._entries.get(entry_id)
-        if entry is not None:
-            self._entries.move_to_end(entry_id)
-        return entry
+    def peek(self, entry_id: str) -> Entry | None:
+        return self._entries.get(entry_id)
 
-    def get_exact(self, key: bytes) -> Entry | None:
+    def exact_id(self, key: bytes) -> str | None:
+        return self._exact.get(key)
+
+    async def get(self, entry_id: str) -> Entry | None:
+        return self._entries.get(entry_id)
+
+    async def get_exact(self, key: bytes, now: float) -> Entry | None:
         entry_id = self._exact.get(key)
-        return self.get(entry_id) if entry_id is not None else None
+        entry = self._entries.get(entry_id) if entry_id is not None else None
+        return entry if entry is not None and not entry.expired(now) else None
 
-    def search(self, partition: bytes, query: np.ndarray, k: int, now: float) -> list[Candidate]:
+    async def search(self, partition: bytes, query: np.ndarray, k: int,
+                     now: float) -> list[Candidate]:
         """Top-``k`` of the partition, best first, expired entries left out."""
         p = self._partitions.get(partition)
         if p is None:
@@ -137,9 +145,25 @@ class HotTier:
         found = p.index.search(query, k + 8)  # room for a few expired entries
         return [c for c in found if not self._entries[c.entry_id].expired(now)][:k]
 
-    def add(self, entry: Entry) -> list[str]:
-        """Holds ``entry`` (already durable elsewhere); returns the ids dropped for capacity."""
-        self.remove(entry.id)
+    def touch(self, entry_id: str) -> None:
+        if entry_id in self._entries:
+            self._entries.move_to_end(entry_id)
+
+    async def put(self, entries: Sequence[Entry], *, replacing: Collection[str] = ()) -> list[str]:
+        for entry_id in replacing:
+            self.drop(entry_id)
+        return [i for e in entries for i in self.hold(e)]
+
+    async def remove(self, ids: Collection[str]) -> list[str]:
+        return [i for i in ids if self.drop(i)]
+
+    async def infos(self, where: Filter) -> list[EntryInfo]:
+        return [EntryInfo.of(e, _size(e)) for e in self._entries.values() if where.matches(e)]
+
+    def hold(self, entry: Entry) -> list[str]:
+        """Holds ``entry`` (already durable elsewhere) as the most recently used; returns the
+        ids dropped for capacity."""
+        self.drop(entry.id)
         p = self._partitions.get(entry.partition)
         if p is None:
             p = self._partitions[entry.partition] = _Partition(self.dimension)
@@ -153,7 +177,7 @@ class HotTier:
         while len(self._entries) > self.capacity or (
                 self.max_bytes and self.bytes > self.max_bytes and len(self._entries) > 1):
             oldest = next(iter(self._entries))
-            self.remove(oldest)
+            self.drop(oldest)
             dropped.append(oldest)
         return dropped
 
@@ -165,7 +189,7 @@ class HotTier:
             graph.add(entry_id, vector)
         p.graph, p.flat = graph, None
 
-    def remove(self, entry_id: str) -> bool:
+    def drop(self, entry_id: str) -> bool:
         entry = self._entries.pop(entry_id, None)
         if entry is None:
             return False
@@ -180,12 +204,6 @@ class HotTier:
 
     def entries(self) -> Iterable[Entry]:
         return self._entries.values()
-
-    def ids_where(self, predicate: Callable[[Entry], bool]) -> list[str]:
-        return [e.id for e in self._entries.values() if predicate(e)]
-
-    def remove_many(self, ids: Iterable[str]) -> int:
-        return sum(self.remove(i) for i in ids)
 
 
 def _size(entry: Entry) -> int:

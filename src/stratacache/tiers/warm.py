@@ -14,10 +14,11 @@ least recently used entries to the cold tier when ``over_budget()``.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Iterator, Sequence
+from collections.abc import Collection, Container, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,9 +26,9 @@ import lmdb
 import numpy as np
 
 from ..datadir import fsync_path
-from ..errors import StorageFull
-from ..records import Entry, EntryInfo, decode, encode
-from .base import Candidate
+from ..errors import StorageFailed, StorageFull
+from ..records import Entry, EntryInfo, Tier as TierKind, decode, encode
+from .base import Candidate, Filter
 from .vectors import VectorMatrix
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ def _stored_size(key_len: int, value_len: int) -> int:
 class WarmTier:
     """LMDB-backed entries. Mutating methods are coroutines; they finish writing to disk before
     they change what lookups see (adds) or change it before writing (removes)."""
+
+    kind = TierKind.WARM
 
     def __init__(self, path: Path, dimension: int, *, max_bytes: int) -> None:
         self.dimension = dimension
@@ -100,22 +103,38 @@ class WarmTier:
         matrix = self._partitions.get(partition)
         return len(matrix) if matrix is not None else 0
 
-    def infos(self) -> Iterable[EntryInfo]:
+    def all_infos(self) -> Iterable[EntryInfo]:
         return self._infos.values()
+
+    async def infos(self, where: Filter) -> list[EntryInfo]:
+        return [i for i in self._infos.values() if where.matches(i)]
 
     def exact_id(self, key: bytes) -> str | None:
         return self._exact.get(key)
 
-    def get(self, entry_id: str) -> Entry | None:
-        """The entry read from disk, marked as just used; None if it is not here."""
+    def read(self, entry_id: str) -> Entry | None:
+        """The entry read from disk (memory-mapped: cheap enough for the event loop); None if
+        it is not here.
+
+        Raises:
+            StorageFailed: LMDB could not read it.
+        """
         if entry_id not in self._infos:
             return None
-        with self._env.begin(db=self._db, buffers=True) as txn:
-            value = txn.get(entry_id.encode())
-            entry = decode(value) if value is not None else None
-        if entry is not None:
-            self._recency.move_to_end(entry_id)
-        return entry
+        try:
+            with self._env.begin(db=self._db, buffers=True) as txn:
+                value = txn.get(entry_id.encode())
+                return decode(value) if value is not None else None
+        except lmdb.Error as exc:
+            raise StorageFailed(f"warm tier (LMDB) read failed: {exc}") from exc
+
+    async def get(self, entry_id: str) -> Entry | None:
+        return self.read(entry_id)
+
+    async def get_exact(self, key: bytes, now: float) -> Entry | None:
+        entry_id = self._exact.get(key)
+        entry = self.read(entry_id) if entry_id is not None else None
+        return entry if entry is not None and not entry.expired(now) else None
 
     async def search(self, partition: bytes, query: np.ndarray, k: int,
                      now: float) -> list[Candidate]:
@@ -137,9 +156,6 @@ class WarmTier:
         if entry_id in self._recency:
             self._recency.move_to_end(entry_id)
 
-    def ids_where(self, predicate: Callable[[EntryInfo], bool]) -> list[str]:
-        return [i.id for i in self._infos.values() if predicate(i)]
-
     def over_budget(self) -> bool:
         return self.bytes > self.max_bytes
 
@@ -159,14 +175,17 @@ class WarmTier:
 
     # --- writes (disk on the writer thread, then memory) ---------------------------------------
 
-    async def put(self, entries: Sequence[Entry], *, replacing: Iterable[str] = ()) -> None:
+    async def put(self, entries: Sequence[Entry], *, replacing: Collection[str] = ()) -> list[str]:
         """Writes ``entries`` durably (and deletes ``replacing`` in the same transaction), then
         lets lookups see them. Shielded: a cancelled caller cannot leave memory behind disk.
+        Drops nothing itself: the engine demotes when ``over_budget()``.
 
         Raises:
-            StorageFull: LMDB's map is full (nothing of this call was written).
+            StorageFull: LMDB's map or the disk is full (nothing of this call was written).
+            StorageFailed: another LMDB error (nothing of this call was written).
         """
         await asyncio.shield(self._put(entries, list(replacing)))
+        return []
 
     async def _put(self, entries: Sequence[Entry], replacing: list[str]) -> None:
         gone = [i for i in replacing if i in self._infos]
@@ -233,9 +252,20 @@ class WarmTier:
                 f"the warm tier's LMDB map ({self._map_size >> 20} MiB) is full; nothing of this "
                 "call was written. Retry after the warm tier demotes entries to cold, or "
                 "restart with a larger --warm-max-mib") from None
+        except lmdb.Error as exc:
+            if _disk_full(exc):
+                raise StorageFull(
+                    "disk full: the warm tier (LMDB) could not write; nothing of this call was "
+                    "written. Free disk space or lower --warm-max-mib/--cold-max-mib") from None
+            raise StorageFailed(f"warm tier (LMDB) write failed, nothing of this call was "
+                                f"written: {exc}") from exc
 
-    async def remove(self, ids: Iterable[str]) -> list[str]:
-        """Removes entries; returns the ids that were here."""
+    async def remove(self, ids: Collection[str]) -> list[str]:
+        """Removes entries; returns the ids that were here.
+
+        Raises:
+            StorageFull, StorageFailed: as ``put``; the entries stay (and stay visible).
+        """
         gone = [i for i in ids if i in self._infos]
         if not gone:
             return []
@@ -291,6 +321,10 @@ class WarmTier:
 
 def _expired(info: EntryInfo, now: float) -> bool:
     return info.expires_at is not None and info.expires_at <= now
+
+
+def _disk_full(exc: lmdb.Error) -> bool:
+    return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
 
 
 # --- offline access (``stratacache reindex``): no server runs, the caller holds the lock -------

@@ -1,0 +1,342 @@
+"""The Lookup and Store paths, written once, one small function per step.
+
+Lookup:  validate -> exact key -> embed -> search tiers -> resolve -> verify -> decide -> respond
+Store:   validate -> exact key -> embed -> durable write (placement) -> respond
+
+``decide`` is pure: the resolved candidates of one tier, the verifier's scores and the rule in,
+a hit or the reason for a miss out. Everything that waits (tiers, models) happens in the steps
+around it.
+
+A lookup never fails because a durable tier does: a tier that raises ``StorageFailed`` is
+skipped (logged, counted), so the lookup degrades to what the other tiers hold, or a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+from . import keys, validation
+from .batching import Batcher
+from .config import Settings
+from .errors import StorageFailed
+from .messages import LookupRequest, LookupResult, MissReason, StoreRequest, StoreResult
+from .metrics import Metrics
+from .placement import KeyedLocks, Placement
+from .policy import PolicyBook, Rule
+from .records import Entry, Tier as TierKind
+from .tiers.base import Candidate
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Candidates each tier returns; the decision takes the most similar that is still valid.
+SEARCH_K = 4
+#: Times a missed lookup searches again because entries moved between tiers while it searched.
+SEARCH_RETRIES = 2
+#: (namespace, prompt) pairs remembered to tell a miss that the prompt is stored in another
+#: scope, and the partitions remembered (and probed on a miss) per pair, most recent first.
+SCOPE_HINTS = 100_000
+SCOPE_HINT_PARTITIONS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    prompt: str  # normalised
+    partition: bytes
+    exact: bytes
+    hint: bytes  # namespace and prompt, without the rest of the partition
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A candidate read back from its tier and re-scored against the entry itself."""
+
+    entry: Entry
+    similarity: float
+    vetoed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    entry: Entry
+    similarity: float
+    verifier_score: float | None
+
+
+def passes_gate(similarity: float, gate: float) -> bool:
+    """Whether a cosine similarity may be served at all: at least ``gate`` and positive (an
+    entry whose prompt was too long to embed has a zero vector: similarity 0, never served)."""
+    return similarity >= gate and similarity > 0
+
+
+def tightened(rule: Rule, min_similarity: float | None) -> tuple[float, float | None]:
+    """The (cosine gate, threshold) a lookup applies: the namespace's rule, made stricter by
+    the request's ``min_similarity``, never looser (a namespace's policy is a floor)."""
+    if min_similarity is None:
+        return rule.gate, rule.threshold
+    gate = max(rule.gate, min_similarity)
+    if rule.verify or rule.threshold is None:  # the threshold is a verifier score, or none
+        return gate, rule.threshold
+    return gate, max(rule.threshold, min_similarity)
+
+
+def decide(found: bool, resolved: list[Resolved], scores: list[float] | None, *, gate: float,
+           threshold: float) -> Hit | MissReason:
+    """The entry to serve from one tier, or why none is served.
+
+    Args:
+        found: whether the tier's search returned any candidate.
+        resolved: the candidates that still exist, best cosine first.
+        scores: the verifier's score of each resolved candidate that is not vetoed and passes
+            the gate, in order; None when the rule does not verify.
+        gate: cosine a candidate needs at all; threshold: what the best must reach (cosine, or
+            the verifier's score when ``scores`` is given).
+    """
+    passing = [r for r in resolved if not r.vetoed and passes_gate(r.similarity, gate)]
+    if not passing:
+        if any(r.vetoed and passes_gate(r.similarity, gate) for r in resolved):
+            return MissReason.VETOED
+        return MissReason.BELOW_SIMILARITY if found else MissReason.NO_CANDIDATE
+    if scores is None:
+        best = passing[0]
+        return Hit(best.entry, best.similarity, None) if best.similarity >= threshold else \
+            MissReason.BELOW_SIMILARITY
+    i = int(np.argmax(scores))
+    if scores[i] >= threshold:
+        return Hit(passing[i].entry, passing[i].similarity, float(scores[i]))
+    return MissReason.REJECTED_BY_VERIFIER
+
+
+class Pipeline:
+    """Runs Lookups and Stores against one data directory's placement and models."""
+
+    def __init__(self, settings: Settings, placement: Placement, policies: PolicyBook,
+                 embedder: Batcher[str, np.ndarray | None],
+                 verifier: Batcher[tuple[str, str, float], float] | None, dimension: int,
+                 metrics: Metrics) -> None:
+        self._settings = settings
+        self._placement = placement
+        self._policies = policies
+        self._embedder = embedder
+        self._verifier = verifier
+        self._dimension = dimension
+        self._metrics = metrics
+        self._scope_hints: OrderedDict[bytes, deque[bytes]] = OrderedDict()
+        self.user_locks = KeyedLocks()
+        self._last_tier_error: dict[TierKind, float] = {}
+
+    # --- Lookup -------------------------------------------------------------------------------
+
+    async def lookup(self, request: LookupRequest) -> LookupResult:
+        """The stored answer for a prompt with the same meaning in the same context, or a miss.
+
+        Raises:
+            InvalidArgument: the request breaks a limit (see ``validation``).
+            Overloaded: the embedding queue is full, or would not reach the call in time.
+        """
+        started = time.perf_counter()
+        m = self._metrics
+        with m.stage("validate"):
+            request = validation.lookup(request)
+            k = self._keys(request)
+        rule = self._policies.rule(request.namespace)
+        gate, threshold = tightened(rule, request.min_similarity)
+        verify = rule.verify
+        now = time.time()
+        m.lookups += 1
+
+        with m.stage("exact"):
+            exact = await self._guarded(self._placement.exact(k.exact, now), TierKind.EXACT)
+        if exact is not None:
+            entry, tier = exact
+            self._placement.served(entry, tier)
+            return self._hit(Hit(entry, 1.0, None), TierKind.EXACT, now, started)
+        if threshold is None:  # a bound is set that the evidence cannot support yet
+            return self._miss(0.0, MissReason.UNCALIBRATED, started)
+
+        with m.stage("embed"):
+            vector = await self._embedder.submit(k.prompt, deadline=request.deadline)
+        if vector is None:  # too long for the model: exact matches only
+            return self._miss(0.0, MissReason.TOO_LONG, started)
+
+        best, reason = 0.0, MissReason.NO_CANDIDATE
+        for _ in range(1 + SEARCH_RETRIES):
+            epoch = self._placement.epoch
+            for tier, candidates in await self._search(k.partition, vector, now):
+                if candidates:
+                    best = max(best, candidates[0].similarity)
+                resolved = await self._resolve(candidates, vector, gate, verify, now)
+                scores = await self._verify(k.prompt, resolved, gate) if verify else None
+                found = decide(bool(candidates), resolved, scores, gate=gate, threshold=threshold)
+                if isinstance(found, Hit):
+                    self._placement.served(found.entry, tier)
+                    return self._hit(found, tier, now, started)
+                reason = max(reason, found)
+            if self._placement.epoch == epoch:  # nothing moved while we searched
+                break
+
+        if reason <= MissReason.BELOW_SIMILARITY and await self._stored_elsewhere(k, now):
+            reason = MissReason.OTHER_SCOPE
+        return self._miss(best, reason, started)
+
+    def _keys(self, request: LookupRequest | StoreRequest) -> Keys:
+        prompt = keys.normalise_prompt(request.prompt)
+        partition = keys.partition_key(request.namespace, request.scope, request.template_id,
+                                       request.template_version)
+        hint = hashlib.blake2b(f"{request.namespace}\0{prompt}".encode(), digest_size=16).digest()
+        return Keys(prompt, partition, keys.exact_key(partition, prompt), hint)
+
+    async def _search(self, partition: bytes, vector: np.ndarray,
+                      now: float) -> list[tuple[TierKind, list[Candidate]]]:
+        """Candidates per tier, in search order: entries moving between tiers first (exactly),
+        then each tier that may hold something the ones before it did not."""
+        moving = [e for e in self._placement.moving_in(partition) if not e.expired(now)]
+        found: list[tuple[TierKind, list[Candidate]]] = []
+        if moving:
+            sims = np.stack([e.vector for e in moving]) @ vector
+            order = np.argsort(-sims)[:SEARCH_K]
+            found.append((TierKind.WARM, [Candidate(moving[i].id, float(sims[i])) for i in order]))
+        for tier in self._placement.tiers:
+            if not self._placement.worth_searching(tier, partition):
+                continue
+            with self._metrics.stage(f"search_{tier.kind.name.lower()}"):
+                candidates = await self._guarded(tier.search(partition, vector, SEARCH_K, now),
+                                                 tier.kind)
+            found.append((tier.kind, candidates or []))
+        return found
+
+    async def _resolve(self, candidates: list[Candidate], vector: np.ndarray, gate: float,
+                       verify: bool, now: float) -> list[Resolved]:
+        """Reads candidates back from wherever they are now (an entry may have moved since the
+        search), drops removed and expired ones, and re-scores the rest against the entry
+        itself, so what is served provably meets the gate whatever an index did concurrently."""
+        wanted = self._settings.verify_candidates if verify else 1
+        resolved: list[Resolved] = []
+        passing = 0
+        for candidate in candidates:
+            if not passes_gate(candidate.similarity, gate) or passing == wanted:
+                break
+            entry = await self._guarded(self._placement.find(candidate.entry_id), TierKind.COLD)
+            if entry is None or entry.expired(now):
+                continue
+            similarity = float(np.dot(entry.vector, vector))
+            vetoed = self._policies.vetoed(entry.id, vector)
+            resolved.append(Resolved(entry, similarity, vetoed))
+            passing += not vetoed and passes_gate(similarity, gate)
+        return resolved
+
+    async def _verify(self, prompt: str, resolved: list[Resolved], gate: float) -> list[float]:
+        passing = [r for r in resolved if not r.vetoed and passes_gate(r.similarity, gate)]
+        if not passing:
+            return []
+        assert self._verifier is not None
+        with self._metrics.stage("verify"):
+            return await self._verifier.submit_many(
+                [(prompt, r.entry.prompt, r.similarity) for r in passing])
+
+    async def _guarded(self, step: Awaitable[T], tier: TierKind) -> T | None:
+        """``step``'s result, or None when a durable tier fails: a lookup degrades to a miss."""
+        try:
+            return await step
+        except StorageFailed as exc:
+            self._metrics.tier_errors[tier] += 1
+            last = self._last_tier_error.get(tier, 0.0)
+            if time.monotonic() - last >= 1.0:  # one line a second, not one per lookup
+                self._last_tier_error[tier] = time.monotonic()
+                log.error("lookup served as a miss: %s (%d such failures so far)", exc,
+                          self._metrics.tier_errors[tier])
+            return None
+
+    async def _stored_elsewhere(self, k: Keys, now: float) -> bool:
+        """Whether this exact prompt is stored in the namespace under another partition (scope,
+        template or version), among the last few partitions it was stored under since this
+        server started. Bounded: at most SCOPE_HINT_PARTITIONS exact probes a miss."""
+        for partition in list(self._scope_hints.get(k.hint, ())):
+            if partition != k.partition and await self._guarded(self._placement.exact(
+                    keys.exact_key(partition, k.prompt), now), TierKind.EXACT) is not None:
+                return True
+        return False
+
+    def _remember_scope(self, k: Keys) -> None:
+        partitions = self._scope_hints.get(k.hint)
+        if partitions is None:
+            partitions = self._scope_hints[k.hint] = deque(maxlen=SCOPE_HINT_PARTITIONS)
+        if k.partition in partitions:
+            partitions.remove(k.partition)
+        partitions.appendleft(k.partition)
+        self._scope_hints.move_to_end(k.hint)
+        while len(self._scope_hints) > SCOPE_HINTS:
+            self._scope_hints.popitem(last=False)
+
+    def _hit(self, hit: Hit, tier: TierKind, now: float, started: float) -> LookupResult:
+        self._metrics.hits[tier] += 1
+        elapsed = time.perf_counter() - started
+        self._metrics.record("lookup", elapsed)
+        e = hit.entry
+        return LookupResult(hit=True, response=e.response, similarity=hit.similarity,
+                            matched_prompt=e.prompt, entry_id=e.id, tier=tier,
+                            age_s=max(0.0, now - e.created_at),
+                            verifier_score=hit.verifier_score, metadata=dict(e.metadata),
+                            server_time_us=int(elapsed * 1e6))
+
+    def _miss(self, best_similarity: float, reason: MissReason, started: float) -> LookupResult:
+        self._metrics.misses += 1
+        elapsed = time.perf_counter() - started
+        self._metrics.record("lookup", elapsed)
+        return LookupResult(hit=False, best_similarity=best_similarity, miss_reason=reason,
+                            server_time_us=int(elapsed * 1e6))
+
+    # --- Store --------------------------------------------------------------------------------
+
+    async def store(self, request: StoreRequest) -> StoreResult:
+        """Stores an answer durably and returns its id; replaces an entry with the same exact key.
+
+        Raises:
+            InvalidArgument: the request breaks a limit.
+            Overloaded: the embedding queue is full, or would not reach the call in time.
+            StorageFull: the disk budget or the disk is full.
+            StorageFailed: the warm tier failed to write (nothing was stored).
+        """
+        started = time.perf_counter()
+        m = self._metrics
+        with m.stage("validate"):
+            request = validation.store(request)
+            k = self._keys(request)
+        with m.stage("embed"):
+            vector = await self._embedder.submit(k.prompt, deadline=request.deadline)
+        if vector is None:
+            # Longer than the model reads: served to exact matches only. A zero vector has
+            # similarity 0 to everything, and decide never serves similarity 0.
+            vector = np.zeros(self._dimension, dtype=np.float32)
+        now = time.time()
+        entry = Entry(
+            id=uuid.uuid4().hex, namespace=request.namespace, partition=k.partition,
+            exact_key=k.exact, prompt=request.prompt, response=bytes(request.response),
+            vector=vector, created_at=now,
+            expires_at=None if request.ttl_s is None else now + request.ttl_s,
+            template_id=request.template_id, template_version=request.template_version,
+            user_id=request.user_id, metadata=dict(request.metadata))
+        with m.stage("store_durable"):
+            replaced = await self._placement.shielded(self._store_entry(entry))
+        self._remember_scope(k)
+        m.stores += 1
+        m.record("store", time.perf_counter() - started)
+        return StoreResult(entry.id, replaced)
+
+    async def _store_entry(self, entry: Entry) -> bool:
+        if entry.user_id is None:
+            return await self._placement.store(entry)
+        # A DeleteUser running now finishes first: it must not miss this entry, nor destroy
+        # the user's key under it.
+        async with self.user_locks.hold(entry.user_id):
+            return await self._placement.store(entry)
