@@ -3,7 +3,6 @@ machine description, percentiles and output."""
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import platform
@@ -17,10 +16,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+
+from stratacache.pairs import read_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "qqp_pairs_dev.jsonl.gz"
@@ -44,13 +45,9 @@ def machine() -> dict[str, object]:
 
 
 def load_pairs(path: Path, limit: int | None = None) -> list[dict]:
-    pairs = []
-    with gzip.open(path, "rt") as f:
-        for line in f:
-            pairs.append(json.loads(line))
-            if limit is not None and len(pairs) >= limit:
-                break
-    return pairs
+    """The first ``limit`` pairs of a labelled-pair file (stratacache.pairs), as
+    ``{"a", "b", "duplicate"}`` dicts."""
+    return [asdict(p) for p in read_pairs(path, limit)]
 
 
 def distinct_texts(pairs: Sequence[dict]) -> list[str]:

@@ -12,12 +12,12 @@ import argparse
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from stratacache.pairs import read_pairs, split
+from stratacache.curves import threshold_at_recall
+from stratacache.pairs import LabelledPair, TextClusters, read_pairs, split
 
 Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
 
@@ -31,23 +31,14 @@ EXACT_TEXT_NOTE = (
     "counted as correct, since b's own text is in b's duplicate cluster")
 
 
-@dataclass(frozen=True)
-class Pair:
-    a: str
-    b: str
-    duplicate: bool
-
-
-
 def load_pairs(path: Path, limit: int | None, seed: int,
-               part: str | None = None) -> tuple[list[Pair], int]:
+               part: str | None = None) -> tuple[list[LabelledPair], int]:
     """The pairs to use (the first ``limit`` after a shuffle seeded by ``seed``), and how many
     the file holds. ``part``: only that part of the text-disjoint split (stratacache.pairs)."""
-    rows = read_pairs(path)
-    total = len(rows)
+    pairs = read_pairs(path)
+    total = len(pairs)
     if part is not None:
-        rows = split(rows)[part]
-    pairs = [Pair(r.a, r.b, r.duplicate) for r in rows]
+        pairs = split(pairs)[part]
     random.Random(seed).shuffle(pairs)
     return (pairs[:limit] if limit is not None else pairs), total
 
@@ -58,17 +49,11 @@ def precision_at_recall(score: Sequence[float], duplicate: Sequence[bool],
     (pairs served when score >= threshold), with its Wilson interval and the threshold."""
     s = np.asarray(score, dtype=np.float64)
     d = np.asarray(duplicate, dtype=bool)
-    order = np.argsort(-s, kind="stable")
-    right = np.cumsum(d[order])
-    need = math.ceil(recall * int(d.sum()))
-    if need == 0 or right[-1] < need:
+    threshold = threshold_at_recall(s, d, recall)
+    if threshold is None:
         return {"threshold": None, "precision": wilson(0, 0), "recall": wilson(0, int(d.sum()))}
-    i = int(np.argmax(right >= need))
-    threshold = float(s[order][i])
-    served = s >= threshold
-    return {"threshold": threshold,
-            "precision": wilson(int((served & d).sum()), int(served.sum())),
-            "recall": wilson(int((served & d).sum()), int(d.sum()))}
+    row = pair_counts(s >= threshold, d)
+    return {"threshold": threshold, "precision": row["precision"], "recall": row["recall"]}
 
 
 def parse_thresholds(spec: str) -> list[float]:
@@ -103,46 +88,35 @@ def wilson(successes: int, n: int, z: float = Z_95) -> dict[str, object]:
             "low": max(0.0, centre - half), "high": min(1.0, centre + half)}
 
 
+def pair_counts(served: Sequence[bool] | np.ndarray,
+                duplicate: Sequence[bool] | np.ndarray) -> dict[str, object]:
+    """Pair protocol, given which pairs were served: counts, precision, recall, hit rate and
+    wrong-hit rate (each with its Wilson interval)."""
+    served = np.asarray(served, dtype=bool)
+    duplicate = np.asarray(duplicate, dtype=bool)
+    n, n_served = len(served), int(served.sum())
+    right = int((served & duplicate).sum())
+    wrong = n_served - right
+    return {"served": n_served, "served_duplicate": right, "served_non_duplicate": wrong,
+            "precision": wilson(right, n_served), "recall": wilson(right, int(duplicate.sum())),
+            "hit_rate": wilson(n_served, n), "wrong_hit_rate": wilson(wrong, n)}
+
+
 def pair_rows(cosine: np.ndarray, duplicate: Sequence[bool],
               thresholds: list[float]) -> list[dict[str, object]]:
     """Pair protocol per threshold: pair i is served when ``cosine[i] >= t``."""
     cosine = np.asarray(cosine, dtype=np.float64)
-    duplicate = np.asarray(duplicate, dtype=bool)
-    n, n_dup = len(cosine), int(duplicate.sum())
-    results = []
-    for t in thresholds:
-        served = cosine >= t
-        n_served = int(served.sum())
-        right = int((served & duplicate).sum())
-        wrong = n_served - right
-        results.append({
-            "threshold": t, "served": n_served, "served_duplicate": right,
-            "served_non_duplicate": wrong,
-            "precision": wilson(right, n_served), "recall": wilson(right, n_dup),
-            "hit_rate": wilson(n_served, n), "wrong_hit_rate": wilson(wrong, n)})
-    return results
+    return [{"threshold": t, **pair_counts(cosine >= t, duplicate)} for t in thresholds]
 
 
-def duplicate_clusters(pairs: list[Pair]) -> dict[str, str]:
+def duplicate_clusters(pairs: list[LabelledPair]) -> dict[str, str]:
     """Each text that occurs in a duplicate pair -> its cluster's representative (union-find
     over every duplicate label). A text absent from the map is alone in its cluster."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        parent.setdefault(x, x)
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:
-            parent[x], x = root, parent[x]
-        return root
-
+    clusters = TextClusters()
     for p in pairs:
         if p.duplicate:
-            ra, rb = find(p.a), find(p.b)
-            if ra != rb:
-                parent[ra] = rb
-    return {text: find(text) for text in parent}
+            clusters.join(p.a, p.b)
+    return {text: clusters.root(text) for text in clusters.texts()}
 
 
 def judge(served: str, query: str, cluster: dict[str, str],
@@ -155,7 +129,7 @@ def judge(served: str, query: str, cluster: dict[str, str],
     return "unlabelled"
 
 
-def crowded_rows(pairs: list[Pair], served: Sequence[tuple[str, float]], stored: set[str],
+def crowded_rows(pairs: list[LabelledPair], served: Sequence[tuple[str, float]], stored: set[str],
                  thresholds: list[float]) -> tuple[dict[str, object], list[dict[str, object]]]:
     """Crowded protocol per threshold, from what each pair's lookup of ``b`` was served:
     ``served[i]`` is (the stored text of the top candidate, its similarity); a hit at ``t`` when

@@ -37,10 +37,11 @@ from typing import TypeVar
 from tqdm import tqdm
 
 from stratacache import AsyncClient, Client
+from stratacache.pairs import LabelledPair
 
 from ._common import DEFAULT_DATA, RESULTS, machine, serve, write_json
-from ._quality import (Pair, crowded_rows, format_table, load_pairs, pair_rows,
-                       parse_thresholds, precision_at_recall, wilson)
+from ._quality import (crowded_rows, format_table, load_pairs, pair_rows, parse_thresholds,
+                       precision_at_recall, wilson)
 
 T = TypeVar("T")
 
@@ -63,14 +64,16 @@ async def _bounded(items: Sequence[T], work: Callable[[T], Awaitable[object]], l
         bar.close()
 
 
-async def _protocols(c: AsyncClient, pairs: list[Pair], concurrency: int, prefix: str,
-                     policy: dict[str, object] | None, label: str) -> dict[str, object]:
-    """Both protocols in namespaces of their own (``policy`` set on them first); lookups ask
-    with min_similarity=0 so every candidate the namespace's gate admits comes back."""
+async def _protocols(c: AsyncClient, pairs: list[LabelledPair], concurrency: int,
+                     prefix: str, policy: dict[str, object] | None,
+                     label: str) -> dict[str, object]:
+    """Both protocols in namespaces of their own, with ``policy`` set on them and a cosine
+    floor of 0 unless ``policy`` gives one: a request may only tighten its namespace's floor,
+    so the namespaces admit every candidate and the threshold is swept on what comes back."""
     pair_ns, crowded_ns = f"{prefix}-pair", f"{prefix}-crowded"
-    if policy is not None:
-        await c.set_policy(pair_ns, **policy)  # type: ignore[arg-type]
-        await c.set_policy(crowded_ns, **policy)  # type: ignore[arg-type]
+    policy = {"min_similarity": 0.0, **(policy or {})}
+    await c.set_policy(pair_ns, **policy)  # type: ignore[arg-type]
+    await c.set_policy(crowded_ns, **policy)  # type: ignore[arg-type]
     stored = list(dict.fromkeys(p.a for p in pairs))
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -98,9 +101,9 @@ async def _protocols(c: AsyncClient, pairs: list[Pair], concurrency: int, prefix
             "timings": timings}
 
 
-async def _run(target: str, pairs: list[Pair], concurrency: int, verified: bool, gate: float,
-               evidence: list[Pair], bounds: list[float],
-               other: list[Pair]) -> dict[str, object]:
+async def _run(target: str, pairs: list[LabelledPair], concurrency: int, verified: bool,
+               gate: float, evidence: list[LabelledPair], bounds: list[float],
+               other: list[LabelledPair]) -> dict[str, object]:
     run = uuid.uuid4().hex[:8]
     out: dict[str, object] = {}
     async with AsyncClient(target, timeout=600) as c:
@@ -140,7 +143,7 @@ def _scores(results: list[object], verified: bool) -> list[float]:
             for r in results]
 
 
-def _evaluate(raw: dict[str, object], pairs: list[Pair], thresholds: list[float],
+def _evaluate(raw: dict[str, object], pairs: list[LabelledPair], thresholds: list[float],
               verified: bool) -> dict[str, object]:
     scores = _scores(raw["pair"], verified)  # type: ignore[arg-type]
     duplicate = [p.duplicate for p in pairs]
@@ -155,7 +158,7 @@ def _evaluate(raw: dict[str, object], pairs: list[Pair], thresholds: list[float]
             "crowded_precision_at_recall_0.5": _crowded_at_recall(pairs, served, raw, 0.5)}
 
 
-def _crowded_at_recall(pairs: list[Pair], served: list[tuple[str, float]],
+def _crowded_at_recall(pairs: list[LabelledPair], served: list[tuple[str, float]],
                        raw: dict[str, object], recall: float) -> dict[str, object]:
     """Crowded labelled precision at the strictest threshold whose recall reaches ``recall``."""
     candidates = sorted({s for _, s in served if s >= 0}, reverse=True)
@@ -169,8 +172,8 @@ def _crowded_at_recall(pairs: list[Pair], served: list[tuple[str, float]],
             "strict_precision": best["strict_precision"], "recall": best["recall"]}
 
 
-def _bound_check(calibration: dict[str, object], evaluation: dict[str, object], pairs: list[Pair],
-                 raw: dict[str, object]) -> dict[str, object]:
+def _bound_check(calibration: dict[str, object], evaluation: dict[str, object],
+                 pairs: list[LabelledPair], raw: dict[str, object]) -> dict[str, object]:
     """The wrong-hit rate among hits served at the server's calibrated threshold, measured on
     the test part (never seen by the calibration)."""
     threshold = calibration["threshold"]
@@ -381,7 +384,7 @@ def _public(evaluation: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in evaluation.items() if k not in ("pair_scores", "crowded_served")}
 
 
-def _other_domain(raw: dict[str, object], other: list[Pair],
+def _other_domain(raw: dict[str, object], other: list[LabelledPair],
                   checks: dict[str, list[dict[str, object]]], default: float) -> dict[str, object]:
     duplicate = [p.duplicate for p in other]
     plain_scores = _scores(raw["other_plain"]["pair"], False)  # type: ignore[index]

@@ -122,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(stored) < args.entries or len(unseen) < args.calls:
         parser.error("not enough distinct questions in --data for --entries and --calls")
 
-    flags = ["--hot-capacity", str(args.hot_capacity), "--warm-max-mib", str(args.warm_max_mib)]
+    # The semantic kinds ask for 0.8: the server's floor must allow it (a request may only
+    # tighten its namespace's threshold).
+    flags = ["--hot-capacity", str(args.hot_capacity), "--warm-max-mib", str(args.warm_max_mib),
+             "--min-similarity", "0.8"]
     if args.verifier is not None:
         flags += ["--verifier", str(args.verifier), "--verify-threshold", "0",
                   "--verify-gate", "0.8"]

@@ -616,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
     run_started = time.perf_counter()
     try:
         with serve(*fill_flags) as server, Client(server.target, timeout=TIMEOUT) as client:
+            # A floor of 0 (kept in the data directory, so the copies have it too): lookups
+            # ask min_similarity=0 to get the best candidate, and may only tighten the floor.
+            client.set_policy(NAMESPACE, min_similarity=0.0)
             payload["fill_server_start_s"] = round(server.start_s, 2)
             loop.run_until_complete(warm_up(server.target, queries[-2 * args.concurrency:],
                                             args.concurrency))

@@ -45,10 +45,11 @@ from pathlib import Path
 
 import numpy as np
 
+from stratacache.pairs import LabelledPair, distinct_texts
+
 from ._common import DEFAULT_DATA, RESULTS, machine
-from ._quality import (EXACT_TEXT_NOTE, SELECTION_RULE, Pair, choose_threshold, crowded_rows,
-                       format_table, load_pairs, pair_rows,
-                       parse_thresholds)
+from ._quality import (EXACT_TEXT_NOTE, SELECTION_RULE, choose_threshold, crowded_rows,
+                       format_table, load_pairs, pair_rows, parse_thresholds)
 
 DEFAULT_OUT = RESULTS / "threshold_sweep.json"
 DEFAULT_THRESHOLDS = "0.70:0.99:0.01"
@@ -108,14 +109,10 @@ def embed_texts(encoder: object, texts: list[str]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# statistics
-
-
-# ---------------------------------------------------------------------------------------------
 # pair protocol
 
 
-def pair_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int],
+def pair_protocol(pairs: list[LabelledPair], vectors: np.ndarray, row: dict[str, int],
                   thresholds: list[float]) -> list[dict[str, object]]:
     """Per threshold: a cache holding only ``a`` is asked for ``b``; served when cos >= t."""
     va = vectors[[row[p.a] for p in pairs]]
@@ -142,7 +139,7 @@ def top1_search(queries: np.ndarray, matrix: np.ndarray) -> tuple[np.ndarray, np
     return rows, scores
 
 
-def crowded_protocol(pairs: list[Pair], vectors: np.ndarray, row: dict[str, int],
+def crowded_protocol(pairs: list[LabelledPair], vectors: np.ndarray, row: dict[str, int],
                      thresholds: list[float]) -> tuple[dict[str, object], list[dict[str, object]]]:
     """Store every distinct ``a``; look up every pair's ``b`` (top-1, exact); judge by clusters.
 
@@ -179,7 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     pairs, total_in_file = load_pairs(args.data, args.limit, args.seed)
-    texts = list(dict.fromkeys(t for p in pairs for t in (p.a, p.b)))
+    texts = distinct_texts(pairs)
     row = {t: i for i, t in enumerate(texts)}
     timings["load_data"] = time.perf_counter() - t0
 

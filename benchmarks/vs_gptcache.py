@@ -80,9 +80,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from stratacache.pairs import LabelledPair
+
 from ._common import (DEFAULT_DATA, RESULTS, machine, percentiles_ms, serve, table,
                       write_json)
-from ._quality import Pair, duplicate_clusters, judge, wilson
+from ._quality import duplicate_clusters, judge, pair_counts, wilson
 from ._quality import load_pairs as load_labelled_pairs
 
 DEFAULT_OUT = RESULTS / "vs_gptcache.json"
@@ -145,7 +147,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def select_pairs(path: Path, limit: int, seed: int) -> tuple[list[Pair], int]:
+def select_pairs(path: Path, limit: int, seed: int) -> tuple[list[LabelledPair], int]:
     """The first ``limit`` pairs after a shuffle seeded by ``seed`` (the same selection as
     ``threshold_sweep`` and ``hit_quality`` with ``--limit N --seed S``), and how many the file
     holds."""
@@ -157,13 +159,13 @@ def select_pairs(path: Path, limit: int, seed: int) -> tuple[list[Pair], int]:
 
 
 class Labels:
-    def __init__(self, pairs: list[Pair]) -> None:
+    def __init__(self, pairs: list[LabelledPair]) -> None:
         self.cluster = duplicate_clusters(pairs)
         self.non_duplicates = {frozenset((p.a, p.b)) for p in pairs if not p.duplicate}
         self.stored = {p.a for p in pairs}
 
 
-def crowded_metrics(pairs: list[Pair], served: list[str | None],
+def crowded_metrics(pairs: list[LabelledPair], served: list[str | None],
                     labels: Labels) -> dict[str, object]:
     """``served[i]`` is the stored ``a`` text served for ``pairs[i].b`` (None on a miss)."""
     n, n_dup = len(pairs), sum(p.duplicate for p in pairs)
@@ -199,15 +201,11 @@ def crowded_metrics(pairs: list[Pair], served: list[str | None],
     }
 
 
-def pair_metrics(pairs: list[Pair], served: list[bool],
+def pair_metrics(pairs: list[LabelledPair], served: list[bool],
                  served_other: int) -> dict[str, object]:
-    n, n_dup = len(pairs), sum(p.duplicate for p in pairs)
-    hits = sum(served)
-    right = sum(s and p.duplicate for p, s in zip(pairs, served, strict=True))
-    return {"pairs": n, "duplicate_pairs": n_dup, "served": hits, "served_duplicate": right,
-            "served_non_duplicate": hits - right,
-            "precision": wilson(right, hits), "recall": wilson(right, n_dup),
-            "hit_rate": wilson(hits, n), "wrong_hit_rate": wilson(hits - right, n),
+    duplicate = [p.duplicate for p in pairs]
+    return {"pairs": len(pairs), "duplicate_pairs": sum(duplicate),
+            **pair_counts(np.asarray(served, dtype=bool), duplicate),
             "served_an_entry_other_than_a": served_other}
 
 
@@ -297,7 +295,7 @@ def _entries(stats: dict[str, object]) -> dict[str, int]:
     return {tier: int(stats[tier]["entries"]) for tier in ("exact", "hot", "warm", "cold")}
 
 
-def run_stratacache(pairs: list[Pair], stored: list[str], labels: Labels, concurrency: int,
+def run_stratacache(pairs: list[LabelledPair], stored: list[str], labels: Labels, concurrency: int,
                     with_pair: bool) -> dict[str, object]:
     from stratacache import Client, StratacacheError
 
@@ -431,7 +429,7 @@ def _report_delta(before: dict[str, tuple[int, float]],
     return out
 
 
-def run_gptcache(pairs: list[Pair], stored: list[str], labels: Labels, enc: object,
+def run_gptcache(pairs: list[LabelledPair], stored: list[str], labels: Labels, enc: object,
                  with_pair: bool) -> dict[str, object]:
     from gptcache import Cache, Config
     from gptcache.adapter.api import get, put

@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from stratacache import tune
+from stratacache.curves import curve_metrics
 from stratacache.pairs import STANDARD_PARTS, LabelledPair, read_pairs, split, write_pairs
+from stratacache.tuning.card import CARD_NAME, fusion
+from stratacache.tuning.data import transitive_pairs
 
 from .data import qqp_pairs
 
@@ -80,7 +83,7 @@ def tuned(tmp_path_factory: pytest.TempPathFactory, pairs_file: Path, data_dir: 
 
 
 def _card(folder: Path) -> dict:
-    return json.loads((folder / tune.CARD_NAME).read_text())
+    return json.loads((folder / CARD_NAME).read_text())
 
 
 def test_card_documents_data_recipe_and_heldout_metrics(
@@ -143,10 +146,10 @@ def test_heldout_parts_are_written_and_share_no_text_with_train(
 
 def test_finished_out_dir_is_not_overwritten(tuned: Path, pairs_file: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
-    before = (tuned / "verifier" / tune.CARD_NAME).read_bytes()
+    before = (tuned / "verifier" / CARD_NAME).read_bytes()
     assert _quick(pairs_file, tuned) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (tuned / "verifier" / tune.CARD_NAME).read_bytes() == before
+    assert (tuned / "verifier" / CARD_NAME).read_bytes() == before
 
 
 def test_missing_pairs_file_is_a_clear_error(tmp_path: Path,
@@ -190,12 +193,12 @@ def test_help_documents_every_flag_with_its_default() -> None:
 
 def test_curve_metrics_on_a_known_ranking() -> None:
     # scores descending: dup, dup, non, dup, non, non
-    m = tune.curve_metrics([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [1, 1, 0, 1, 0, 0])
+    m = curve_metrics([0.9, 0.8, 0.7, 0.6, 0.5, 0.4], [1, 1, 0, 1, 0, 0])
     assert m["auc"] == pytest.approx(8 / 9)
     assert m["precision_at_recall_0.50"] == 1.0  # two of three duplicates above 0.8
     assert m["recall_at_precision_0.90"] == pytest.approx(2 / 3)
     assert m["threshold_at_precision_0.90"] == 0.8
-    tied = tune.curve_metrics([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0])
+    tied = curve_metrics([0.5, 0.5, 0.5, 0.5], [1, 0, 1, 0])
     assert tied["auc"] == 0.5 and tied["precision_at_recall_0.50"] == 0.5
     assert tied["recall_at_precision_0.95"] == 0.0
 
@@ -204,7 +207,7 @@ def test_transitive_pairs_close_duplicates_and_extend_non_duplicates() -> None:
     pairs = [LabelledPair("a", "b", True), LabelledPair("b", "c", True),
              LabelledPair("c", "x", False), LabelledPair("x", "y", True)]
     implied = {(frozenset((p.a, p.b)), p.duplicate)
-               for p in tune.transitive_pairs(pairs, max_cluster=8, seed=0)}
+               for p in transitive_pairs(pairs, max_cluster=8, seed=0)}
     assert (frozenset("ac"), True) in implied
     assert (frozenset("ay"), False) in implied and (frozenset("by"), False) in implied
     assert all(key not in {frozenset((p.a, p.b)) for p in pairs} for key, _ in implied)
@@ -217,10 +220,10 @@ def test_fusion_combines_two_weak_scores_into_a_better_one() -> None:
     cosine = 0.7 + 0.1 * labels + 0.08 * rng.standard_normal(2000)
     verifier = 1 / (1 + np.exp(-(2 * labels - 1 + 1.2 * rng.standard_normal(2000))))
     pairs = [LabelledPair(f"a{i}", f"b{i}", bool(y)) for i, y in enumerate(labels)]
-    fused = tune.fusion(cosine, verifier, pairs)
+    fused = fusion(cosine, verifier, pairs)
     assert fused["weights"]["cosine"] > 0 and fused["weights"]["verifier_logit"] > 0
-    assert fused["metrics"]["auc"] > max(tune.curve_metrics(cosine, labels)["auc"],
-                                         tune.curve_metrics(verifier, labels)["auc"])
+    assert fused["metrics"]["auc"] > max(curve_metrics(cosine, labels)["auc"],
+                                         curve_metrics(verifier, labels)["auc"])
 
 
 def test_the_server_serves_with_the_tuned_verifier(tuned: Path, start_server, encoder) -> None:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ import gzip
 import hashlib
 import io
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +30,8 @@ from .errors import InvalidArgument
 #: ``tune`` learns from, ``calibrate`` is evidence for choosing decision thresholds (tune reports
 #: its held-back metrics there), ``test`` is touched only by benchmarks.
 STANDARD_PARTS: Mapping[str, float] = {"train": 0.70, "calibrate": 0.15, "test": 0.15}
+#: The standard split's salt: another salt draws another split.
+SPLIT_SALT = "stratacache-split-v1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +131,7 @@ def components(pairs: Sequence[LabelledPair]) -> list[int]:
 
 
 def split(pairs: Sequence[LabelledPair], parts: Mapping[str, float] = STANDARD_PARTS,
-          *, salt: str = "stratacache-split-v1") -> dict[str, list[LabelledPair]]:
+          *, salt: str = SPLIT_SALT) -> dict[str, list[LabelledPair]]:
     """Splits pairs so that no text is in two parts (see the module docstring). Each component
     goes to a part by a hash of its smallest text, with probability given by ``parts``
     (fractions; normalised)."""
@@ -152,7 +154,6 @@ def split(pairs: Sequence[LabelledPair], parts: Mapping[str, float] = STANDARD_P
     return out
 
 
-def iter_texts(pairs: Iterable[LabelledPair]) -> Iterator[str]:
-    for p in pairs:
-        yield p.a
-        yield p.b
+def distinct_texts(pairs: Iterable[LabelledPair]) -> list[str]:
+    """Every text of ``pairs`` once, in order of first appearance (``a`` before ``b``)."""
+    return list(dict.fromkeys(t for p in pairs for t in (p.a, p.b)))
