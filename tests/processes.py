@@ -1,0 +1,56 @@
+"""A real `stratacache serve` process for tests that kill it: its log goes to a file (a pipe
+nobody reads would block it), and the port it bound is read from its ready line."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+_READY = re.compile(r"stratacache ready on 127\.0\.0\.1:(\d+)")
+
+
+class ServerProcess:
+    """``with ServerProcess(data_dir, log_file, "--hot-capacity", "4") as server:`` starts a server
+    on a free port and waits until it is ready (up to ``timeout`` seconds, a safety net for a
+    loaded machine); ``server.target`` is its address. Leaving the block kills it if it still
+    runs."""
+
+    def __init__(self, data_dir: Path, log: Path, *flags: str, timeout: float = 300.0) -> None:
+        command = [sys.executable, "-m", "stratacache.cli", "serve", "--port", "0",
+                   "--data-dir", str(data_dir), "--device", "cpu", *flags]
+        self.log = log
+        self._log_file = open(log, "w")
+        self.process = subprocess.Popen(command, stdout=self._log_file, stderr=self._log_file,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.target = f"127.0.0.1:{self._wait_ready(timeout)}"
+
+    def _wait_ready(self, timeout: float) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            match = _READY.search(text)
+            if match:
+                return int(match.group(1))
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited before it was ready:\n{text[-4000:]}")
+            time.sleep(0.05)
+        raise AssertionError("server not ready in time")
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as in a crash or an OOM kill."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(60)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(60)
+        self._log_file.close()
