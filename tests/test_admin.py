@@ -1,6 +1,9 @@
-"""Each admin call removes what it names, and nothing else."""
+"""Each admin call removes what it names, and nothing else; what an entry was stored with comes
+back with its hits."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -90,3 +93,37 @@ def test_stats_reports_counts(client: Client, namespace: str) -> None:
     assert stats["dimension"] == 384 and stats["model"] == "all-MiniLM-L6-v2"
     assert stats["stages"]["embed"]["count"] >= 17
     assert stats["simd_isa"] in {"avx512", "avx2", "neon", "scalar"}
+
+
+def test_delete_user_erases_the_evidence_their_entries_left(start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Feedback on a user's entry becomes evidence rows holding the entry's prompt: DeleteUser
+    erases them from evidence.sqlite3 and its write-ahead log, and drops the entry's vetoes."""
+    marker = "quokka-zanzibar"
+
+    def evidence_files() -> bytes:
+        return b"".join(p.read_bytes() for p in (tmp_path / "data").glob("evidence.sqlite3*"))
+
+    server = start_server(min_similarity=0.75)
+    with server.client() as c:
+        mine = c.store(f"How do I reset my {marker} account password?", "a", namespace="ns",
+                       user_id="alice")
+        theirs = c.store("How do I cancel my subscription?", "b", namespace="ns", user_id="bob")
+        c.feedback(mine, f"How can I reset the password of my {marker} account?", False,
+                   namespace="ns")
+        c.feedback(theirs, "How can I end my subscription?", True, namespace="ns")
+        assert c.get_policy("ns")["evidence"] == 2 and marker.encode() in evidence_files()
+        assert c.stats()["namespaces"]["ns"]["vetoed_entries"] == 1
+
+        assert c.delete_user("alice", namespace="ns") == 1
+        status = c.get_policy("ns")
+        assert status["evidence"] == 1 and status["feedback_wrong"] == 0
+        assert c.stats()["namespaces"]["ns"]["vetoed_entries"] == 0
+        assert marker.encode() not in evidence_files()
+
+
+def test_metadata_comes_back_with_hits(client: Client, namespace: str) -> None:
+    entry = client.store("How do I reset my password?", "a", namespace=namespace,
+                         metadata={"source": "faq", "reviewed": "yes"})
+    hit = client.lookup("How do I reset my password?", namespace=namespace)
+    assert hit.entry_id == entry and hit.metadata == {"source": "faq", "reviewed": "yes"}
+    assert client.lookup("Volcano insurance for hamsters?", namespace=namespace).metadata == {}

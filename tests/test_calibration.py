@@ -3,6 +3,8 @@ on data the threshold was not chosen on."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,13 @@ def test_upper_bound_matches_known_values() -> None:
     assert upper_bound(5, 5) == 1.0
     assert 0.05 < upper_bound(5, 100) < 0.11  # observed 5 %: the bound sits above it
     assert minimum_served(0.01) == 299 and upper_bound(0, 299) <= 0.01 < upper_bound(0, 298)
+
+
+def test_minimum_served_holds_for_tiny_bounds() -> None:
+    """log(1 - 1e-17) rounds to 0: the count used to divide by zero (a SetPolicy of 1e-300 gave
+    INTERNAL); log1p keeps it exact."""
+    assert minimum_served(1e-17) == pytest.approx(-math.log(0.05) * 1e17, rel=1e-9)
+    assert minimum_served(1e-300) > 1e300
 
 
 def test_a_little_noise_at_the_top_does_not_stop_calibration() -> None:

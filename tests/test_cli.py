@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from stratacache import Client
-from stratacache.cli import SERVE_FLAGS, build_parser, settings_from_args
+from stratacache.cli import SERVE_FLAGS, build_parser, main, settings_from_args
 
 
 def test_help_documents_every_flag_and_its_env_twin() -> None:
@@ -30,6 +32,32 @@ def test_environment_twins_and_flags(monkeypatch) -> None:  # type: ignore[no-un
     settings = settings_from_args(build_parser().parse_args(["serve", "--port", "7000"]))
     assert settings.port == 7000  # the flag wins
     assert settings.warm_max_bytes == 64 << 20 and settings.min_similarity == 0.9
+
+
+def test_an_empty_api_key_is_refused_not_taken_as_no_key(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    """An empty key used to turn authentication off without a word."""
+    message = "an empty key would disable authentication; unset it to run without a key"
+    with pytest.raises(ValueError, match=message):
+        settings_from_args(build_parser().parse_args(["serve", "--api-key", ""]))
+    monkeypatch.setenv("STRATACACHE_API_KEY", "")
+    with pytest.raises(ValueError, match=message):
+        settings_from_args(build_parser().parse_args(["serve"]))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve"])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.delenv("STRATACACHE_API_KEY")
+    assert settings_from_args(build_parser().parse_args(["serve"])).api_key is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-wrong-rate", "1e-300"], r"max_wrong_rate is 1e-300; give a wrong-hit rate in \[0.0001"),
+    (["--max-wrong-rate", "nan"], "max_wrong_rate must be a finite number"),
+    (["--sweep-interval-s", "inf"], "sweep_interval_s must be a finite number"),
+    (["--shutdown-grace-s", "nan"], "shutdown_grace_s must be a finite number"),
+])
+def test_numbers_at_the_edges_are_refused_at_start(flags: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        settings_from_args(build_parser().parse_args(["serve", *flags]))
 
 
 def test_bad_flag_value_is_a_clear_error() -> None:

@@ -6,7 +6,8 @@ import grpc
 import pytest
 
 from stratacache import Client, InvalidArgumentError, UnauthenticatedError
-from stratacache.validation import MAX_PROMPT_BYTES, MAX_RESPONSE_BYTES
+from stratacache.errors import InvalidArgument
+from stratacache.validation import MAX_PROMPT_BYTES, MAX_RESPONSE_BYTES, explicit_namespace
 
 
 @pytest.mark.parametrize("call, message", [
@@ -31,6 +32,10 @@ from stratacache.validation import MAX_PROMPT_BYTES, MAX_RESPONSE_BYTES
     (lambda c: c.invalidate_template("", namespace="n"), "template_id is required"),
     (lambda c: c.delete_user(""), "user_id is required"),
     (lambda c: c.invalidate_namespace("a b"), "malformed"),
+    # destructive calls must name their namespace: "" no longer means "default" there
+    (lambda c: c.invalidate_namespace(""), "needs the namespace explicitly"),
+    (lambda c: c.invalidate_template("t", namespace=""), "needs the namespace explicitly"),
+    (lambda c: c.delete_user("u", namespace=""), "needs the namespace explicitly"),
 ])
 def test_bad_input_is_invalid_argument(client: Client, call, message: str) -> None:  # type: ignore[no-untyped-def]
     kept = client.store("What is the capital of Italy?", "Rome")
@@ -80,3 +85,14 @@ def _reflected_services(channel: grpc.Channel) -> set[str]:
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     reply = next(stub.ServerReflectionInfo(iter([request]), timeout=10))
     return {s.name for s in reply.list_services_response.service}
+
+
+def test_explicit_namespace() -> None:
+    assert explicit_namespace("default") == "default" and explicit_namespace("a.b") == "a.b"
+    with pytest.raises(InvalidArgument, match="InvalidateNamespace needs the namespace "
+                       "explicitly; an empty one no longer means 'default' for destructive calls"):
+        explicit_namespace("")
+    with pytest.raises(InvalidArgument, match="^DeleteUser needs the namespace explicitly"):
+        explicit_namespace("", "DeleteUser")
+    with pytest.raises(InvalidArgument, match="malformed"):
+        explicit_namespace("a b")

@@ -46,7 +46,8 @@ def upper_bound(wrong: int, served: int, confidence: float = CONFIDENCE) -> floa
 def minimum_served(max_wrong_rate: float, confidence: float = CONFIDENCE) -> int:
     """Fewest served observations for which a clean record (0 wrong) meets the bound:
     U(0, n) = 1 - (1 - confidence)^(1/n) <= max_wrong_rate."""
-    return math.ceil(math.log(1 - confidence) / math.log(1 - max_wrong_rate))
+    # log1p: log(1 - r) rounds to log(1.0) == 0 for tiny r, and the quotient divides by zero.
+    return math.ceil(math.log(1 - confidence) / math.log1p(-max_wrong_rate))
 
 
 @dataclass(frozen=True, slots=True)

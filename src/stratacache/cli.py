@@ -89,7 +89,8 @@ SERVE_FLAGS = (
           "seconds in-flight calls get to finish on SIGTERM/SIGINT"),
     _Flag("api_key", str, None,
           "require 'authorization: Bearer <key>' on every call but health checks (prefer the "
-          "environment variable: command lines are visible to other users)"),
+          "environment variable: command lines are visible to other users); unset = no key, and "
+          "an empty key is refused"),
     _Flag("verifier", str, None,
           "verifier folder (OUT/verifier from `stratacache tune`, or any sentence-transformers "
           "CrossEncoder folder): semantic candidates are verified by it before they are served; "
@@ -106,7 +107,7 @@ SERVE_FLAGS = (
           "with a verifier on the CPU: int8 (dynamic int8 linear layers, about 1.9x faster, "
           "scores within ~0.02) or none"),
     _Flag("max_wrong_rate", float, None,
-          "default wrong-hit bound for namespaces that set none, in (0, 1), e.g. 0.01: the "
+          "default wrong-hit bound for namespaces that set none, in [0.0001, 0.5], e.g. 0.01: the "
           "threshold is calibrated on each namespace's labelled evidence (`stratacache "
           "calibrate`, feedback) so the 95 percent upper bound stays within it; unset = thresholds"),
     _Flag("feedback_evict_after", int, config.DEFAULT_FEEDBACK_EVICT_AFTER,

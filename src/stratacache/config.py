@@ -6,8 +6,12 @@ Every knob is a keyword with a named default below, so the defaults are document
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+from . import validation
+from .errors import InvalidArgument
 
 #: Where the server keeps its tiers when no ``--data-dir`` is given (relative to the cwd).
 DEFAULT_DATA_DIR = "./stratacache-data"
@@ -120,6 +124,13 @@ class Settings:
 
     def __post_init__(self) -> None:
         problems = []
+        # NaN passes no comparison and fails none, so each range check below would let it in.
+        problems += [f"{f.name} must be a finite number, got {getattr(self, f.name)}"
+                     for f in fields(self) if isinstance(getattr(self, f.name), float)
+                     and not math.isfinite(getattr(self, f.name))]
+        if self.api_key == "":
+            problems.append("api_key is empty (--api-key / STRATACACHE_API_KEY): an empty key "
+                            "would disable authentication; unset it to run without a key")
         if not 0.0 <= self.min_similarity <= 1.0:
             problems.append(f"min_similarity must be in [0, 1], got {self.min_similarity}")
         for name in ("verify_gate", "verify_threshold"):
@@ -127,8 +138,11 @@ class Settings:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.verify_quantize not in ("none", "int8"):
             problems.append(f"verify_quantize must be none or int8, got {self.verify_quantize!r}")
-        if self.max_wrong_rate is not None and not 0.0 < self.max_wrong_rate < 1.0:
-            problems.append(f"max_wrong_rate must be in (0, 1), e.g. 0.01; got {self.max_wrong_rate}")
+        if self.max_wrong_rate is not None and math.isfinite(self.max_wrong_rate):
+            try:
+                validation.wrong_rate(self.max_wrong_rate)
+            except InvalidArgument as exc:
+                problems.append(str(exc))
         if self.feedback_evict_after < 0:
             problems.append(f"feedback_evict_after must be >= 0 (0 = never), got "
                             f"{self.feedback_evict_after}")

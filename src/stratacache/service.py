@@ -1,18 +1,32 @@
-"""gRPC servicers and the server: convert protobuf to engine dataclasses, call, convert back.
+"""gRPC servicers and the server: decode, convert protobuf to engine dataclasses, call, convert
+back.
 
-Errors map to status codes in one table (``_STATUS``); the message is the engine's, written for
-a person, and no traceback ever reaches a client. Health (``grpc.health.v1``) and server
-reflection are registered so grpcurl and load balancers work out of the box.
+Every RPC of both services runs through one wrapper (:func:`_unary`), built from the service
+descriptors so no method is listed twice:
+
+- it decodes the request itself: grpc.aio runs a method's request deserializer outside the
+  handler, so a request that fails to decode (truncated bytes, invalid UTF-8 in a string) would
+  come back UNKNOWN with a traceback in the log; here it is INVALID_ARGUMENT with one log line;
+- engine errors map to status codes in one table (``_STATUS``), each with one log line
+  (method, status, message) and the engine's message, written for a person;
+- only unexpected exceptions are logged with a traceback; the client gets INTERNAL, never one.
+
+Health (``grpc.health.v1``) and server reflection are registered so grpcurl and load balancers
+work out of the box.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,128 +36,186 @@ from .engine import Engine
 from .messages import LookupRequest, StageStats, Stats, StoreRequest, TierStats
 from .policy import Policy, PolicyStatus
 from .v1 import stratacache_pb2 as pb
-from .v1 import stratacache_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 _STATUS: dict[type[errors.CacheError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
     errors.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.StorageFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.StorageFull: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.StorageFailed: grpc.StatusCode.INTERNAL,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
+#: Statuses that are the caller's to fix, or a normal shutdown: logged at INFO. The others say
+#: the server is short of something or failing, and are logged at WARNING.
+_CALLER_STATUSES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+                              grpc.StatusCode.UNAVAILABLE})
 
-SERVICE_NAMES = (
-    pb.DESCRIPTOR.services_by_name["SemanticCache"].full_name,
-    pb.DESCRIPTOR.services_by_name["CacheAdmin"].full_name,
-)
+SERVICES = (pb.DESCRIPTOR.services_by_name["SemanticCache"],
+            pb.DESCRIPTOR.services_by_name["CacheAdmin"])
+SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
+
+_Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
 
 
-async def _call(context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
-    """Runs ``work``; an engine error becomes its status code, anything else INTERNAL."""
-    try:
-        return await work()
-    except errors.CacheError as exc:
-        await context.abort(_STATUS.get(type(exc), grpc.StatusCode.INTERNAL), str(exc))
-    except Exception:
-        log.exception("unexpected error")
-        await context.abort(grpc.StatusCode.INTERNAL,
-                            "internal error: the server logged it; nothing was changed by this call")
-    raise AssertionError("unreachable")  # context.abort always raises
+def status_of(error: errors.CacheError) -> grpc.StatusCode:
+    """The status code an engine error is reported with (INTERNAL for one the table lacks)."""
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode.INTERNAL
+
+
+async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode,
+                 message: str) -> None:
+    log.log(logging.INFO if code in _CALLER_STATUSES else logging.WARNING, "%s -> %s: %s",
+            method, code.name, message)
+    await context.abort(code, message)
+
+
+def _unary(method: MethodDescriptor, behaviour: _Behaviour,
+           ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+    """The handler of one unary RPC: decode, run ``behaviour``, map its errors (module doc)."""
+    request_type = message_factory.GetMessageClass(method.input_type)
+
+    async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+        request = request_type()
+        try:
+            request.ParseFromString(raw)
+        except DecodeError as exc:
+            await _abort(context, method.name, grpc.StatusCode.INVALID_ARGUMENT,
+                         f"request could not be decoded as {method.input_type.full_name}: {exc}; "
+                         "send a message built from stratacache.proto (strings must be UTF-8)")
+        try:
+            return await behaviour(request, context)
+        except errors.CacheError as exc:
+            await _abort(context, method.name, status_of(exc), str(exc))
+        except grpc.aio.AbortError:  # the behaviour aborted the call itself: already answered
+            raise
+        except Exception:
+            log.exception("%s failed unexpectedly", method.name)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error: the server logged "
+                                "it; nothing was changed by this call")
+        raise AssertionError("unreachable")  # context.abort always raises
+
+    return handle
+
+
+def _add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+    """Registers each RPC of ``service`` with the servicer's method of the same name. Requests
+    arrive as bytes (no deserializer) and are decoded by :func:`_unary`."""
+    handlers = {}
+    for method in service.methods:
+        if method.client_streaming or method.server_streaming:
+            raise TypeError(f"{method.full_name} streams; only unary RPCs are served")
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _unary(method, getattr(servicer, method.name)), request_deserializer=None,
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type).SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 def _opt(message: object, name: str) -> object:
     return getattr(message, name) if message.HasField(name) else None  # type: ignore[attr-defined]
 
 
-class SemanticCacheServicer(pb_grpc.SemanticCacheServicer):
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The call's deadline as a ``time.monotonic()`` instant, or None when it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class SemanticCacheServicer:
+    """The gateway's RPCs (``stratacache.v1.SemanticCache``); errors map in :func:`_unary`."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def Lookup(self, request: pb.LookupRequest,
                      context: grpc.aio.ServicerContext) -> pb.LookupResponse:
-        query = LookupRequest(
+        result = await self._engine.lookup(LookupRequest(
             prompt=request.prompt, namespace=request.namespace, scope=dict(request.scope),
-            template_id=_opt(request, "template_id"),
-            template_version=_opt(request, "template_version"),
-            min_similarity=_opt(request, "min_similarity"))
-        result = await _call(context, lambda: self._engine.lookup(query))
+            template_id=_opt(request, "template_id"),  # type: ignore[arg-type]
+            template_version=_opt(request, "template_version"),  # type: ignore[arg-type]
+            min_similarity=_opt(request, "min_similarity"),  # type: ignore[arg-type]
+            deadline=_deadline(context)))
         return pb.LookupResponse(
             hit=result.hit, response=result.response, similarity=result.similarity,
             matched_prompt=result.matched_prompt, entry_id=result.entry_id,
             tier=int(result.tier) if result.tier is not None else pb.TIER_UNSPECIFIED,
             age_s=result.age_s, best_similarity=result.best_similarity,
             server_time_us=result.server_time_us, verifier_score=result.verifier_score,
-            miss_reason=0 if result.miss_reason is None else int(result.miss_reason))
+            miss_reason=0 if result.miss_reason is None else int(result.miss_reason),
+            metadata=dict(result.metadata))
 
     async def Store(self, request: pb.StoreRequest,
                     context: grpc.aio.ServicerContext) -> pb.StoreResponse:
-        command = StoreRequest(
+        result = await self._engine.store(StoreRequest(
             prompt=request.prompt, response=request.response, namespace=request.namespace,
-            scope=dict(request.scope), template_id=_opt(request, "template_id"),
-            template_version=_opt(request, "template_version"), ttl_s=_opt(request, "ttl_s"),
-            user_id=_opt(request, "user_id"), metadata=dict(request.metadata))
-        result = await _call(context, lambda: self._engine.store(command))
+            scope=dict(request.scope),
+            template_id=_opt(request, "template_id"),  # type: ignore[arg-type]
+            template_version=_opt(request, "template_version"),  # type: ignore[arg-type]
+            ttl_s=_opt(request, "ttl_s"),  # type: ignore[arg-type]
+            user_id=_opt(request, "user_id"),  # type: ignore[arg-type]
+            metadata=dict(request.metadata), deadline=_deadline(context)))
         return pb.StoreResponse(entry_id=result.entry_id, replaced=result.replaced)
 
     async def Feedback(self, request: pb.FeedbackRequest,
                        context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
-        deleted, status = await _call(context, lambda: self._engine.feedback(
-            request.namespace, request.entry_id, request.prompt, request.correct))
+        deleted, status = await self._engine.feedback(
+            request.namespace, request.entry_id, request.prompt, request.correct)
         return pb.FeedbackResponse(entry_deleted=deleted, policy=policy_to_proto(status))
 
 
-class CacheAdminServicer(pb_grpc.CacheAdminServicer):
+class CacheAdminServicer:
+    """The admin RPCs (``stratacache.v1.CacheAdmin``); errors map in :func:`_unary`."""
+
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     async def InvalidateTemplate(self, request: pb.InvalidateTemplateRequest,
                                  context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
-        removed = await _call(context, lambda: self._engine.invalidate_template(
-            request.namespace, request.template_id, _opt(request, "version")))
-        return pb.InvalidateResponse(removed=removed)
+        version: str | None = _opt(request, "version")  # type: ignore[assignment]
+        return pb.InvalidateResponse(removed=await self._engine.invalidate_template(
+            request.namespace, request.template_id, version))
 
     async def InvalidateNamespace(self, request: pb.InvalidateNamespaceRequest,
                                   context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
-        removed = await _call(context, lambda: self._engine.invalidate_namespace(request.namespace))
-        return pb.InvalidateResponse(removed=removed)
+        return pb.InvalidateResponse(
+            removed=await self._engine.invalidate_namespace(request.namespace))
 
     async def DeleteEntry(self, request: pb.DeleteEntryRequest,
                           context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
-        removed = await _call(context, lambda: self._engine.delete_entry(request.entry_id))
-        return pb.InvalidateResponse(removed=removed)
+        return pb.InvalidateResponse(removed=await self._engine.delete_entry(request.entry_id))
 
     async def DeleteUser(self, request: pb.DeleteUserRequest,
                          context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
-        removed = await _call(context, lambda: self._engine.delete_user(
-            request.user_id, _opt(request, "namespace")))
-        return pb.InvalidateResponse(removed=removed)
+        return pb.InvalidateResponse(removed=await self._engine.delete_user(
+            request.user_id, _opt(request, "namespace")))  # type: ignore[arg-type]
 
     async def Stats(self, request: pb.StatsRequest,
                     context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        return stats_to_proto(await _call(context, self._engine.stats))
+        return stats_to_proto(await self._engine.stats())
 
     async def SetPolicy(self, request: pb.SetPolicyRequest,
                         context: grpc.aio.ServicerContext) -> pb.PolicyStatus:
         policy = Policy(max_wrong_rate=_opt(request, "max_wrong_rate"),  # type: ignore[arg-type]
                         min_similarity=_opt(request, "min_similarity"),  # type: ignore[arg-type]
                         verify=_opt(request, "verify"))  # type: ignore[arg-type]
-        return policy_to_proto(await _call(context, lambda: self._engine.set_policy(
-            request.namespace, policy, clear_evidence=request.clear_evidence)))
+        return policy_to_proto(await self._engine.set_policy(
+            request.namespace, policy, clear_evidence=request.clear_evidence))
 
     async def GetPolicy(self, request: pb.GetPolicyRequest,
                         context: grpc.aio.ServicerContext) -> pb.PolicyStatus:
-        return policy_to_proto(await _call(context, lambda: self._engine.policy_status(
-            request.namespace)))
+        return policy_to_proto(await self._engine.policy_status(request.namespace))
 
     async def AddEvidence(self, request: pb.AddEvidenceRequest,
                           context: grpc.aio.ServicerContext) -> pb.AddEvidenceResponse:
-        pairs = [(p.a, p.b, p.duplicate) for p in request.pairs]
-        added, skipped, status = await _call(context, lambda: self._engine.add_evidence(
-            request.namespace, pairs))
+        added, skipped, status = await self._engine.add_evidence(
+            request.namespace, [(p.a, p.b, p.duplicate) for p in request.pairs])
         return pb.AddEvidenceResponse(added=added, skipped=skipped, policy=policy_to_proto(status))
 
 
@@ -152,7 +224,7 @@ def policy_to_proto(status: PolicyStatus) -> pb.PolicyStatus:
     return pb.PolicyStatus(
         namespace=status.namespace, max_wrong_rate=p.max_wrong_rate,
         min_similarity=p.min_similarity, verify=p.verify, verifier_on=rule.verify, gate=rule.gate,
-        threshold=rule.threshold, bound=None if cal is None else cal.max_wrong_rate,
+        threshold=rule.threshold, bound=rule.bound,
         evidence=status.evidence, evidence_correct=status.evidence_correct,
         served=0 if cal is None else cal.served, wrong=0 if cal is None else cal.wrong,
         promised_bound=None if cal is None else cal.promised_bound,
@@ -219,14 +291,16 @@ class CacheServer:
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self._settings = settings
-        interceptors = [_ApiKeyInterceptor(settings.api_key)] if settings.api_key else []
+        interceptors = ([_ApiKeyInterceptor(settings.api_key)] if settings.api_key is not None
+                        else [])
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         self._server = grpc.aio.server(interceptors=interceptors, options=options,
                                        maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
-        pb_grpc.add_SemanticCacheServicer_to_server(SemanticCacheServicer(engine), self._server)
-        pb_grpc.add_CacheAdminServicer_to_server(CacheAdminServicer(engine), self._server)
+        for service, servicer in zip(SERVICES, (SemanticCacheServicer(engine),
+                                                 CacheAdminServicer(engine))):
+            _add_service(self._server, service, servicer)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(

@@ -24,7 +24,18 @@ MAX_MAP_KEY_BYTES = 128
 MAX_MAP_VALUE_BYTES = 16 * 1024
 MAX_MAP_TOTAL_BYTES = 64 * 1024
 MAX_LABEL_BYTES = 256
+#: ttl_s limits: below a millisecond an entry is expired before it could be served (a
+#: denormal such as 5e-324 is a mistake, not a TTL); above ten years, leave ttl_s unset.
+MIN_TTL_S = 0.001
 MAX_TTL_S = 10 * 365 * 24 * 3600.0
+#: A namespace's wrong-hit bound (max_wrong_rate) must lie in [MIN_WRONG_RATE, MAX_WRONG_RATE].
+#: The floor is the smallest round bound the evidence a namespace may keep (200,000 labelled
+#: observations) can support: a clean record of ~41,000 served observations meets 1e-4, while
+#: 1e-5 would need ~410,000, more than is kept, so it could never serve a semantic hit (and
+#: 1e-300 made the Clopper-Pearson arithmetic divide by zero). Above 0.5 a "bound" allows more
+#: wrong hits than right ones: no threshold is worth calibrating for it.
+MIN_WRONG_RATE = 1e-4
+MAX_WRONG_RATE = 0.5
 #: Labelled pairs one AddEvidence call may carry.
 MAX_EVIDENCE_PAIRS = 10_000
 
@@ -37,6 +48,23 @@ def namespace(value: str) -> str:
             f"namespace {value[:64]!r} is malformed: use 1 to 128 characters of letters, digits "
             "and . _ : -, starting with a letter or digit")
     return value
+
+
+def explicit_namespace(value: str, call: str = "InvalidateNamespace") -> str:
+    """The namespace a destructive call names; "" is refused rather than taken as "default".
+
+    Args:
+        value: the namespace as sent.
+        call: the RPC, for the message.
+
+    Raises:
+        InvalidArgument: the namespace is empty or malformed.
+    """
+    if not value:
+        raise InvalidArgument(
+            f"{call} needs the namespace explicitly; an empty one no longer means 'default' for "
+            "destructive calls (send namespace='default' to mean the default namespace)")
+    return namespace(value)
 
 
 def entry_id(value: str) -> str:
@@ -84,6 +112,45 @@ def labelled_pairs(pairs: Sequence[tuple[str, str, bool]]) -> None:
         prompt(b, f"pairs[{i}].b")
 
 
+def wrong_rate(value: object, name: str = "max_wrong_rate") -> float:
+    """A wrong-hit bound: a number in [MIN_WRONG_RATE, MAX_WRONG_RATE] (NaN, infinities,
+    denormals and zeros fall outside).
+
+    Raises:
+        InvalidArgument: not a number, or out of range.
+    """
+    rate = _number(name, value)
+    if not MIN_WRONG_RATE <= rate <= MAX_WRONG_RATE:
+        raise InvalidArgument(
+            f"{name} is {value!r}; give a wrong-hit rate in [{MIN_WRONG_RATE:g}, "
+            f"{MAX_WRONG_RATE:g}], e.g. 0.01 for at most 1% wrong hits (below {MIN_WRONG_RATE:g} "
+            "no evidence the server keeps can support the bound)")
+    return rate
+
+
+def similarity(value: object, name: str = "min_similarity") -> float:
+    """A cosine similarity threshold: a finite number in [0, 1]; -0.0 comes back as 0.0.
+
+    Raises:
+        InvalidArgument: not a number, or out of range (NaN and infinities included).
+    """
+    cosine = _number(name, value)
+    if not 0.0 <= cosine <= 1.0:
+        raise InvalidArgument(
+            f"{name} is {value!r}; give a cosine similarity in [0, 1], or leave it unset for "
+            "the server default")
+    return cosine + 0.0  # -0.0 + 0.0 == +0.0: one zero, whatever the caller sent
+
+
+def _number(name: str, value: object) -> float:
+    """``value`` as a finite float; bools and strings (a hand-edited database row) refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidArgument(f"{name} is {value!r}, not a number")
+    if not math.isfinite(value):
+        raise InvalidArgument(f"{name} is {value!r}; give a finite number")
+    return float(value)
+
+
 def _string_map(name: str, value: Mapping[str, str]) -> None:
     if len(value) > MAX_MAP_ITEMS:
         raise InvalidArgument(f"{name} has {len(value)} keys; at most {MAX_MAP_ITEMS}")
@@ -122,9 +189,10 @@ def store(request: StoreRequest) -> StoreRequest:
     _template(request.template_id, request.template_version)
     _label("user_id", request.user_id)
     ttl = request.ttl_s
-    if ttl is not None and not (math.isfinite(ttl) and 0 < ttl <= MAX_TTL_S):
+    if ttl is not None and not (math.isfinite(ttl) and MIN_TTL_S <= ttl <= MAX_TTL_S):
         raise InvalidArgument(
-            f"ttl_s is {ttl}; give seconds in (0, {MAX_TTL_S:.0f}], or leave it unset for no expiry")
+            f"ttl_s is {ttl}; give seconds in [{MIN_TTL_S:g}, {MAX_TTL_S:.0f}], or leave it unset "
+            "for no expiry")
     return _with_namespace(request)
 
 
@@ -132,11 +200,8 @@ def lookup(request: LookupRequest) -> LookupRequest:
     prompt(request.prompt)
     _string_map("scope", request.scope)
     _template(request.template_id, request.template_version)
-    m = request.min_similarity
-    if m is not None and not (math.isfinite(m) and 0.0 <= m <= 1.0):
-        raise InvalidArgument(
-            f"min_similarity is {m}; give a cosine similarity in [0, 1], or leave it unset for "
-            "the server default")
+    if request.min_similarity is not None:
+        request = replace(request, min_similarity=similarity(request.min_similarity))
     return _with_namespace(request)
 
 
