@@ -27,6 +27,7 @@ from stratacache.config import Settings
 from stratacache.embed import Encoder, resolve_model_path
 from stratacache.engine import Engine
 from stratacache.errors import DataDirMismatch
+from stratacache.keyring import KeyRing
 from stratacache.messages import LookupRequest, StoreRequest
 from stratacache.records import Entry, Tier
 from stratacache.tiers.base import EVERYTHING
@@ -105,10 +106,11 @@ def _fill(encoder: Encoder, path: Path) -> list[str]:
 def _stored(path: Path) -> dict[str, tuple[str, Entry]]:
     """Every entry on disk, by id, with the tier that holds it."""
     found: dict[str, tuple[str, Entry]] = {}
-    for tier, read in (("cold", cold.read_stored(path / "cold.sqlite3", 100)),
-                       ("warm", warm.read_stored(path / "warm", 100))):
-        for chunk in read:
-            found.update((e.id, (tier, e)) for e in chunk)  # warm wins, as at start-up
+    with KeyRing(path / "keys.sqlite3") as keys:  # records of users are encrypted
+        for tier, read in (("cold", cold.read_stored(path / "cold.sqlite3", 100, keys=keys)),
+                           ("warm", warm.read_stored(path / "warm", 100, keys=keys))):
+            for chunk in read:
+                found.update((e.id, (tier, e)) for e in chunk)  # warm wins, as at start-up
     return found
 
 

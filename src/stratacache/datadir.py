@@ -5,6 +5,8 @@
       LOCK               flock'd by the running server (or by ``stratacache reindex``)
       warm/              LMDB environment (warm tier)
       cold.sqlite3       SQLite database (cold tier)
+      keys.sqlite3       per-user record keys (DeleteUser destroys the user's key)
+      quarantine/        damaged records set aside (only if any were found)
       reindex/           only while ``stratacache reindex`` runs, or after one was interrupted
 
 Vectors from different models are not comparable, so a directory refuses to open with a model
@@ -39,6 +41,8 @@ FORMAT_VERSION = 1
 MANIFEST = "stratacache.json"
 WARM = "warm"
 COLD = "cold.sqlite3"
+KEYS = "keys.sqlite3"
+QUARANTINE = "quarantine"
 #: Where a reindex builds the new tier files (see the module docstring).
 STAGING = "reindex"
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")

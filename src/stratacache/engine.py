@@ -15,17 +15,19 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 
-from . import _core, validation
+from . import _core, datadir, validation
 from .batching import Batcher, model_executor
 from .config import Settings
 from .datadir import DataDir
 from .embed import Encoder
 from .errors import NotFound, Unavailable
 from .feedback import Feedback
+from .keyring import KeyRing
 from .messages import (LookupRequest, LookupResult, NamespaceStats, StageStats, Stats,
                        StoreRequest, StoreResult, TierStats)
 from .metrics import Metrics
@@ -33,7 +35,7 @@ from .pipeline import Pipeline
 from .placement import Placement
 from .policy import Defaults, Policy, PolicyBook, PolicyStatus
 from .records import Tier
-from .tiers.base import Filter
+from .tiers.base import Filter, Quarantine
 from .tiers.cold import ColdTier
 from .tiers.hot import DEFAULT_HNSW_MIN_ENTRIES, HotTier
 from .tiers.warm import WarmTier
@@ -59,12 +61,21 @@ class Engine:
         self.verifier = verifier
         dim = encoder.dimension
         self._dir = DataDir(settings.data_dir, encoder.identity, model=settings.model)
+        opened = ExitStack()  # what to close if a later step fails
+        opened.callback(self._dir.close)
         try:
+            self.keys = KeyRing(self._dir.path / datadir.KEYS)
+            opened.callback(self.keys.close)
+            self.quarantine = Quarantine(self._dir.path / datadir.QUARANTINE)
             hot = HotTier(dim, capacity=settings.hot_capacity, max_bytes=settings.hot_max_bytes,
                           m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
                           ef_search=settings.hnsw_ef_search, hnsw_min_entries=hnsw_min_entries)
-            warm = WarmTier(self._dir.warm_path, dim, max_bytes=settings.warm_max_bytes)
-            cold = ColdTier(self._dir.cold_path, dim, max_bytes=settings.cold_max_bytes)
+            warm = WarmTier(self._dir.warm_path, dim, max_bytes=settings.warm_max_bytes,
+                            keys=self.keys, quarantine=self.quarantine)
+            opened.callback(warm.close)
+            cold = ColdTier(self._dir.cold_path, dim, max_bytes=settings.cold_max_bytes,
+                            keys=self.keys, quarantine=self.quarantine)
+            opened.callback(cold.close)
             self.policies = PolicyBook(
                 self._dir.path / EVIDENCE_FILE,
                 Defaults(min_similarity=settings.min_similarity, verify_gate=settings.verify_gate,
@@ -73,10 +84,9 @@ class Engine:
                 embedder_id=encoder.identity.fingerprint,
                 verifier_id=None if verifier is None else verifier.identity.scorer)
         except BaseException:
-            self._dir.close()
+            opened.close()
             raise
-        self.placement = Placement(hot, warm, cold, on_removed=getattr(
-            self.policies, "forget_entries", lambda ids: None))  # TODO(lead): direct
+        self.placement = Placement(hot, warm, cold, on_removed=self.policies.forget_entries)
         self.metrics = Metrics()
         self._model_thread = model_executor()
         self._embedder: Batcher[str, np.ndarray | None] = Batcher(
@@ -100,8 +110,12 @@ class Engine:
     async def open(cls, settings: Settings, encoder: Encoder, *, verifier: Verifier | None = None,
                    **kwargs: int) -> "Engine":
         engine = cls(settings, encoder, verifier=verifier, **kwargs)
-        await engine.placement.reconcile()
-        await engine.feedback_desk.load()
+        try:
+            await engine.placement.reconcile()
+            await engine.feedback_desk.load()
+        except BaseException:
+            await engine.close()
+            raise
         engine._embedder.start()
         if engine._verifier is not None:
             engine._verifier.start()
@@ -167,9 +181,8 @@ class Engine:
         return added, skipped, await self._settled_status(validation.namespace(namespace))
 
     async def _settled_status(self, namespace: str) -> PolicyStatus:
-        settled = getattr(self.policies, "settled", None)
-        if settled is not None:
-            await settled(namespace)
+        """The status once the namespace's calibration (off the loop) has caught up."""
+        await self.policies.settled(namespace)
         return self.policies.status(namespace)
 
     # --- admin --------------------------------------------------------------------------------
@@ -177,7 +190,7 @@ class Engine:
     async def invalidate_template(self, namespace: str, template_id: str,
                                   version: str | None) -> int:
         """Removes the template's entries (one version, or all); returns how many."""
-        namespace = _explicit_namespace(namespace)
+        namespace = validation.explicit_namespace(namespace, "InvalidateTemplate")
         template_id = validation.required_label("template_id", template_id)
         if version is not None:
             version = validation.required_label("version", version)
@@ -185,18 +198,21 @@ class Engine:
                                          template_version=version))
 
     async def invalidate_namespace(self, namespace: str) -> int:
-        return await self._remove(Filter(namespace=_explicit_namespace(namespace)))
+        return await self._remove(Filter(namespace=validation.explicit_namespace(namespace)))
 
     async def delete_user(self, user_id: str, namespace: str | None) -> int:
         """Removes every entry and every evidence row of a user (in one namespace, or all)."""
         user_id = validation.required_label("user_id", user_id)
         if namespace is not None:
-            namespace = _explicit_namespace(namespace)
+            namespace = validation.explicit_namespace(namespace, "DeleteUser")
         async with self.pipeline.user_locks.hold(user_id):
             removed = await self._remove(Filter(user_id=user_id, namespace=namespace))
-            delete_rows = getattr(self.policies, "delete_user", None)
-            if delete_rows is not None:
-                await delete_rows(user_id, namespace)
+            await self.policies.delete_user(user_id, namespace)
+            # The copies LMDB keeps in free pages are encrypted with the user's keys: destroying
+            # them erases those copies. Entries are removed first, so no move re-encrypts one
+            # under a new key; a Store of this user waits for the lock.
+            await asyncio.to_thread(self.keys.destroy, user_id, namespace)
+            await self.cold.scrub()
         return removed
 
     async def delete_entry(self, entry_id: str) -> int:
@@ -287,10 +303,6 @@ class Engine:
         self._model_thread.shutdown(wait=True)
         self.policies.close()
         await self.placement.close()
+        self.keys.close()
         self._dir.close()
 
-
-def _explicit_namespace(namespace: str) -> str:
-    """Destructive calls must name their namespace: an empty one is not taken as "default"."""
-    explicit = getattr(validation, "explicit_namespace", None)
-    return explicit(namespace) if explicit is not None else validation.namespace(namespace)

@@ -54,8 +54,8 @@ class Feedback:
         loop = asyncio.get_running_loop()
         out: list = []
         for start in range(0, len(items), EVIDENCE_CHUNK):
-            out += await loop.run_in_executor(self._model_thread, score,
-                                              list(items[start:start + EVIDENCE_CHUNK]))
+            out.extend(await loop.run_in_executor(self._model_thread, score,
+                                                  list(items[start:start + EVIDENCE_CHUNK])))
         return out
 
     async def load(self) -> None:

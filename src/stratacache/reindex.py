@@ -39,8 +39,10 @@ import numpy as np
 from . import config, datadir, keys
 from .embed import Encoder, ModelIdentity, resolve_model_path
 from .errors import CacheError, DataDirMismatch
+from .keyring import KeyRing
 from .records import Entry
 from .tiers import cold, warm
+from .tiers.base import Quarantine
 
 log = logging.getLogger("stratacache.reindex")
 
@@ -207,19 +209,26 @@ def _rebuild(data_dir: Path, encoder: Encoder, recorded: dict, batch_size: int,
     staging.mkdir()
     datadir.fsync_path(data_dir)
     writers: list[warm.BulkWriter | cold.BulkWriter] = []
+    # The users' keys stay where they are: re-embedded records are encrypted with them again.
+    key_ring = KeyRing(data_dir / datadir.KEYS)
+    quarantine = Quarantine(data_dir / datadir.QUARANTINE)
     try:
         old_bytes = _size(old_warm / "data.mdb")
         ratio = encoder.dimension / max(1, int(recorded.get("dimension") or 1))
         warm_out = warm.BulkWriter(staging / datadir.WARM,
-                                   map_size=int(2 * old_bytes * max(1.0, ratio)) + (64 << 20))
+                                   map_size=int(2 * old_bytes * max(1.0, ratio)) + (64 << 20),
+                                   keys=key_ring)
         writers.append(warm_out)
-        cold_out = cold.BulkWriter(staging / datadir.COLD)
+        cold_out = cold.BulkWriter(staging / datadir.COLD, keys=key_ring)
         writers.append(cold_out)
         counts = {"warm": 0, "cold": 0, "expired": 0}
         warm_ids: set[str] = set()
         with tqdm(total=total, unit="entry", desc="re-embedding", dynamic_ncols=True) as bar:
-            for tier, read, out in (("warm", warm.read_stored(old_warm, batch_size), warm_out),
-                                    ("cold", cold.read_stored(old_cold, batch_size), cold_out)):
+            for tier, read, out in (
+                    ("warm", warm.read_stored(old_warm, batch_size, keys=key_ring,
+                                              quarantine=quarantine), warm_out),
+                    ("cold", cold.read_stored(old_cold, batch_size, keys=key_ring,
+                                              quarantine=quarantine), cold_out)):
                 for window in _windows(read, batch_size * WINDOW_BATCHES):
                     if tier == "cold":
                         # An interrupted move can leave an entry in both tiers: keep the warm
@@ -250,6 +259,8 @@ def _rebuild(data_dir: Path, encoder: Encoder, recorded: dict, batch_size: int,
                     "keeps model %r", staging, recorded.get("model"))
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    finally:
+        key_ring.close()
     # The commit point: from here on the directory belongs to the new model.
     datadir.write_manifest(
         staging / datadir.MANIFEST, encoder.identity,

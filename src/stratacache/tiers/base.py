@@ -9,13 +9,23 @@ so SQL never leaves the cold tier.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import threading
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from ..records import Entry, EntryInfo, Tier as TierKind
+from ..records import CorruptRecord, Entry, EntryInfo, KeyDestroyed, Tier as TierKind
+
+log = logging.getLogger(__name__)
+
+#: Damaged records logged one by one; past this, one summary line per batch.
+QUARANTINE_LOG_LINES = 10
 
 
 class Candidate(NamedTuple):
@@ -96,3 +106,38 @@ class Tier(Protocol):
     def touch(self, entry_id: str) -> None:
         """Marks an entry as just served (least recently used entries leave first)."""
 
+
+
+class Quarantine:
+    """Where a tier sets aside records it cannot read, so a damaged record costs its entry,
+    never the server: each is written to ``directory`` (``DATA_DIR/quarantine/``; None keeps
+    nothing) for an operator to inspect, logged, counted, and then deleted by its tier. Records
+    of deleted users (:class:`~stratacache.records.KeyDestroyed`) are erased by design: counted
+    and dropped, not kept. Thread-safe: tiers call it from their own threads."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self.damaged = 0
+        self.erased = 0
+        self._lock = threading.Lock()
+
+    def keep(self, tier: str, records: Sequence[tuple[str, bytes, CorruptRecord]]) -> None:
+        """Sets aside ``(entry id, raw record, why)`` read from ``tier``."""
+        damaged = [(i, raw, exc) for i, raw, exc in records if not isinstance(exc, KeyDestroyed)]
+        with self._lock:
+            self.erased += len(records) - len(damaged)
+            logged = max(0, QUARANTINE_LOG_LINES - self.damaged)
+            self.damaged += len(damaged)
+        if damaged and self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for entry_id, raw, _ in damaged:
+                name = re.sub(r"[^0-9A-Za-z_-]", "_", entry_id)[:64]
+                with open(self.directory / f"{tier}-{name}.record", "wb") as f:
+                    f.write(raw)
+                    f.flush()
+                    os.fsync(f.fileno())
+        for _, _, exc in damaged[:logged]:
+            log.error("%s tier: %s", tier, exc)
+        if len(damaged) > logged:
+            log.error("%s tier: %d more damaged records set aside in %s", tier,
+                      len(damaged) - logged, self.directory)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import queue
 import sqlite3
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -27,8 +28,9 @@ import numpy as np
 
 from .. import _core
 from ..errors import StorageFailed, StorageFull
-from ..records import Entry, EntryInfo, Tier as TierKind, decode, encode
-from .base import Candidate, Filter
+from ..keyring import KeyRing
+from ..records import CorruptRecord, Entry, EntryInfo, Tier as TierKind, decode, encode
+from .base import Candidate, Filter, Quarantine
 
 T = TypeVar("T")
 
@@ -72,9 +74,15 @@ class ColdTier:
 
     kind = TierKind.COLD
 
-    def __init__(self, path: Path, dimension: int, *, max_bytes: int = 0) -> None:
+    def __init__(self, path: Path, dimension: int, *, max_bytes: int = 0,
+                 keys: KeyRing | None = None, quarantine: Quarantine | None = None) -> None:
         self.dimension = dimension
         self.max_bytes = max_bytes
+        self._keys = keys
+        self._quarantine = quarantine or Quarantine(None)
+        # Rows the tier's thread deleted on its own (damaged records), for the event loop to
+        # take out of its counts.
+        self._deleted_by_thread: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cold")
         self._db = self._executor.submit(self._connect, path).result()
         # Per-partition entry counts, kept on the event loop, so lookups skip empty partitions
@@ -88,6 +96,9 @@ class ColdTier:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        # Deleted rows are overwritten, not left in free pages: DeleteUser must erase them
+        # (``scrub`` then empties the WAL, which still holds the old pages).
+        db.execute("PRAGMA secure_delete=ON")
         db.executescript(_SCHEMA)
         return db
 
@@ -95,8 +106,12 @@ class ColdTier:
         return self._executor.submit(lambda: self._db.execute(sql, args).fetchall()).result()
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _storage_errors,
-                                                                fn, *args)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, _storage_errors, fn, *args)
+        finally:
+            while not self._deleted_by_thread.empty():
+                self._uncount([self._deleted_by_thread.get_nowait()])
 
     def __len__(self) -> int:
         return sum(self._counts.values())
@@ -115,8 +130,19 @@ class ColdTier:
         return rows[0] if rows else None
 
     def _select(self, where: str, args: tuple) -> list[Entry]:
-        rows = self._db.execute(f"SELECT vector, record FROM entries WHERE {where}", args)
-        return [decode(record, np.frombuffer(vector, dtype="<f4")) for vector, record in rows]
+        """Matching entries; damaged records are set aside, deleted and left out."""
+        entries, damaged = [], []
+        for entry_id, vector, record in self._db.execute(
+                f"SELECT id, vector, record FROM entries WHERE {where}", args).fetchall():
+            try:
+                entries.append(decode(record, vector, keys=self._keys, entry_id=entry_id))
+            except CorruptRecord as exc:
+                damaged.append((entry_id, bytes(record), exc))
+        if damaged:
+            self._quarantine.keep("cold", damaged)
+            for row in self._delete([i for i, _, _ in damaged]):
+                self._deleted_by_thread.put(row)
+        return entries
 
     async def search(self, partition: bytes, query: np.ndarray, k: int,
                      now: float) -> list[Candidate]:
@@ -128,6 +154,9 @@ class ColdTier:
         rows = self._db.execute(
             f"SELECT id, vector FROM entries WHERE partition = ? AND {_NOT_EXPIRED}",
             (partition, now)).fetchall()
+        # A damaged vector column (a wrong length) is left out here; reading the entry back
+        # finds it damaged and sets it aside.
+        rows = [r for r in rows if len(r[1]) == 4 * self.dimension]
         if not rows:
             return []
         matrix = np.frombuffer(b"".join(v for _, v in rows), dtype="<f4").reshape(len(rows), -1)
@@ -158,8 +187,8 @@ class ColdTier:
         return await asyncio.shield(self._put(entries, list(replacing)))
 
     async def _put(self, entries: Sequence[Entry], replacing: list[str]) -> list[str]:
-        rows = [_row(e) for e in entries]
-        self._uncount(await self._run(self._insert, rows, replacing))
+        rows, replaced = await self._run(self._insert, entries, replacing)
+        self._uncount(replaced)
         for e, row in zip(entries, rows):
             self._counts[e.partition] += 1
             self.bytes += row[9]
@@ -167,14 +196,17 @@ class ColdTier:
             return await self._evict()
         return []
 
-    def _insert(self, rows: list[tuple], replacing: list[str]) -> list[tuple[str, bytes, int]]:
-        """Inserts rows in one transaction (replacing rows with their ids, and deleting
-        ``replacing``); returns (id, partition, size) of the rows deleted."""
+    def _insert(self, entries: Sequence[Entry], replacing: list[str]
+                ) -> tuple[list[tuple], list[tuple[str, bytes, int]]]:
+        """Inserts entries in one transaction (replacing rows with their ids, and deleting
+        ``replacing``); returns the rows and (id, partition, size) of the rows deleted.
+        Encodes here, on the tier's thread: a user's first record creates its key (an fsync)."""
+        rows = [_row(e, self._keys) for e in entries]
         with self._db:
             self._db.execute("BEGIN")
             replaced = self._delete_rows([row[0] for row in rows] + replacing)
             self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        return replaced
+        return rows, replaced
 
     async def remove(self, ids: Collection[str]) -> list[str]:
         """Removes entries; returns the ids that were here."""
@@ -222,6 +254,11 @@ class ColdTier:
             chosen.append(entry_id)
             freed += size
         return await self.remove(chosen)
+
+    async def scrub(self) -> None:
+        """Empties the WAL into the database (which overwrote deleted rows: secure_delete) and
+        truncates it, so no copy of a deleted row stays in either file."""
+        await self._run(lambda: self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
 
     def file_bytes(self) -> int:
         return int(self._sync_query(
@@ -279,10 +316,10 @@ def _where(f: Filter) -> tuple[str, tuple]:
     return " AND ".join(terms), tuple(args)
 
 
-def _row(e: Entry) -> tuple:
+def _row(e: Entry, keys: KeyRing | None = None) -> tuple:
     """The entry as a row of ``entries`` (column order of the schema)."""
     vector = np.ascontiguousarray(e.vector, dtype="<f4").tobytes()
-    record = encode(e, with_vector=False)
+    record = encode(e, with_vector=False, keys=keys)
     return (e.id, e.namespace, e.partition, e.exact_key, e.template_id, e.template_version,
             e.user_id, e.created_at, e.expires_at, len(vector) + len(record), vector, record)
 
@@ -302,17 +339,27 @@ def count_stored(path: Path) -> int:
         db.close()
 
 
-def read_stored(path: Path, batch: int) -> Iterator[list[Entry]]:
-    """Every entry of the cold tier at ``path``, ``batch`` at a time, in insertion order."""
+def read_stored(path: Path, batch: int, *, keys: KeyRing | None = None,
+                quarantine: Quarantine | None = None) -> Iterator[list[Entry]]:
+    """Every readable entry of the cold tier at ``path``, ``batch`` at a time, in insertion
+    order; unreadable records go to ``quarantine`` (damaged) or are dropped (deleted users)."""
+    quarantine = quarantine or Quarantine(None)
     if not path.exists():
         return
     db = sqlite3.connect(path)
     try:
         if not db.execute("SELECT 1 FROM sqlite_master WHERE name = 'entries'").fetchone():
             return
-        rows = db.execute("SELECT vector, record FROM entries ORDER BY rowid")
+        rows = db.execute("SELECT id, vector, record FROM entries ORDER BY rowid")
         while chunk := rows.fetchmany(batch):
-            yield [decode(record, np.frombuffer(vector, dtype="<f4")) for vector, record in chunk]
+            entries, damaged = [], []
+            for entry_id, vector, record in chunk:
+                try:
+                    entries.append(decode(record, vector, keys=keys, entry_id=entry_id))
+                except CorruptRecord as exc:
+                    damaged.append((entry_id, bytes(record), exc))
+            quarantine.keep("cold", damaged)
+            yield entries
     finally:
         db.close()  # the last connection: SQLite checkpoints the WAL and removes it
 
@@ -322,10 +369,11 @@ class BulkWriter:
     no journal and no fsync until :meth:`close`, which makes the file durable. A database left
     half-written by a crash is garbage: only the finished, closed file may be used."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, keys: KeyRing | None = None) -> None:
         if path.exists():
             raise FileExistsError(f"{path} exists")
         self.path = path
+        self._keys = keys
         self._db = sqlite3.connect(path, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=OFF")
         self._db.execute("PRAGMA synchronous=OFF")
@@ -334,7 +382,7 @@ class BulkWriter:
     def put(self, entries: Sequence[Entry]) -> None:
         self._db.execute("BEGIN")
         self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                             [_row(e) for e in entries])
+                             [_row(e, self._keys) for e in entries])
         self._db.execute("COMMIT")
 
     def close(self) -> None:

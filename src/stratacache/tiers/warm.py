@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Container, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
@@ -27,8 +27,9 @@ import numpy as np
 
 from ..datadir import fsync_path
 from ..errors import StorageFailed, StorageFull
-from ..records import Entry, EntryInfo, Tier as TierKind, decode, encode
-from .base import Candidate, Filter
+from ..keyring import KeyRing
+from ..records import CorruptRecord, Entry, EntryInfo, KeyDestroyed, Tier as TierKind, decode, encode
+from .base import Candidate, Filter, Quarantine
 from .vectors import VectorMatrix
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,12 @@ class WarmTier:
 
     kind = TierKind.WARM
 
-    def __init__(self, path: Path, dimension: int, *, max_bytes: int) -> None:
+    def __init__(self, path: Path, dimension: int, *, max_bytes: int, keys: KeyRing | None = None,
+                 quarantine: Quarantine | None = None) -> None:
         self.dimension = dimension
         self.max_bytes = max_bytes
+        self._keys = keys
+        self._quarantine = quarantine or Quarantine(None)
         path.mkdir(parents=True, exist_ok=True)
         existing = (path / "data.mdb").stat().st_size if (path / "data.mdb").exists() else 0
         # The map must hold the budget with room for LMDB's free pages; it is virtual memory,
@@ -79,17 +83,33 @@ class WarmTier:
         self._load()
 
     def _load(self) -> None:
+        """Indexes every record; sets aside the damaged ones and drops those of deleted users,
+        so one bad record never keeps the server from starting."""
         started = time.perf_counter()
         loaded: list[tuple[float, Entry, int]] = []
+        unreadable: list[tuple[bytes, bytes, CorruptRecord]] = []
         with self._env.begin(db=self._db, buffers=True) as txn:
             for key, value in txn.cursor():
-                entry = decode(value, with_response=False)  # start-up memory: no responses
+                try:  # start-up memory: no responses
+                    entry = self._decode(key, value, with_response=False)
+                except CorruptRecord as exc:
+                    unreadable.append((bytes(key), bytes(value), exc))
+                    continue
                 loaded.append((entry.created_at, entry, _stored_size(len(key), len(value))))
+        if unreadable:
+            self._quarantine.keep("warm", [(k.decode(errors="replace"), v, e)
+                                           for k, v, e in unreadable])
+            self._write([([], [k for k, _, _ in unreadable], None)])
         for _, entry, size in sorted(loaded, key=lambda t: t[0]):
             self._index(entry, size)
         if loaded:
             log.info("warm tier: loaded %d entries (%.1f MiB) in %.2f s", len(loaded),
                      self.bytes / (1 << 20), time.perf_counter() - started)
+
+    def _decode(self, key: bytes | memoryview, value: bytes | memoryview, *,
+                with_response: bool = True) -> Entry:
+        return decode(value, with_response=with_response, keys=self._keys,
+                      entry_id=bytes(key).decode(errors="replace"))
 
     # --- reads (event loop) -------------------------------------------------------------------
 
@@ -121,12 +141,24 @@ class WarmTier:
         """
         if entry_id not in self._infos:
             return None
+        key = entry_id.encode()
         try:
             with self._env.begin(db=self._db, buffers=True) as txn:
-                value = txn.get(entry_id.encode())
-                return decode(value) if value is not None else None
+                value = txn.get(key)
+                if value is None:
+                    return None
+                try:
+                    return self._decode(key, value)
+                except CorruptRecord as exc:
+                    damaged = bytes(value)
         except lmdb.Error as exc:
             raise StorageFailed(f"warm tier (LMDB) read failed: {exc}") from exc
+        # Served as a miss from now on; the record is set aside and deleted on the writer
+        # thread, in order with every other write.
+        self._unindex(entry_id)
+        self._quarantine.keep("warm", [(entry_id, damaged, exc)])
+        self._writer.submit(self._write, [([], [key], None)]).add_done_callback(_log_failure)
+        return None
 
     async def get(self, entry_id: str) -> Entry | None:
         return self.read(entry_id)
@@ -189,7 +221,10 @@ class WarmTier:
 
     async def _put(self, entries: Sequence[Entry], replacing: list[str]) -> None:
         gone = [i for i in replacing if i in self._infos]
-        encoded = [(e.id.encode(), encode(e)) for e in entries]
+        encoded = [(e.id.encode(), encode(e, keys=self._keys)) for e in entries] if not any(
+            e.user_id for e in entries) or self._keys is None else await asyncio.to_thread(
+            # A user's first record creates its key durably (an fsync): off the event loop.
+            lambda: [(e.id.encode(), encode(e, keys=self._keys)) for e in entries])
         # Replaced entries stay visible until the new ones are durable: a failed write loses
         # nothing.
         await self._commit(encoded, [g.encode() for g in gone])
@@ -269,6 +304,7 @@ class WarmTier:
         gone = [i for i in ids if i in self._infos]
         if not gone:
             return []
+        sizes = {i: self._infos[i].size for i in gone}
         for entry_id in gone:
             self._unindex(entry_id)
         try:
@@ -276,14 +312,14 @@ class WarmTier:
         except Exception:
             # Not deleted after all: let lookups see them again, as the file still has them.
             for entry in self.read_many([g for g in gone if g not in self._infos]):
-                self._index(entry, _stored_size(len(entry.id), len(encode(entry))))
+                self._index(entry, sizes[entry.id])
             raise
         return gone
 
     def read_many(self, ids: Sequence[str]) -> list[Entry]:
-        with self._env.begin(db=self._db, buffers=True) as txn:
-            values = [txn.get(i.encode()) for i in ids]
-            return [decode(v) for v in values if v is not None]
+        """The entries with these ids that are here and readable (damaged ones are set aside,
+        as by :meth:`read`)."""
+        return [e for e in map(self.read, ids) if e is not None]
 
     def _index(self, entry: Entry, size: int) -> None:
         if entry.id in self._infos:
@@ -323,6 +359,12 @@ def _expired(info: EntryInfo, now: float) -> bool:
     return info.expires_at is not None and info.expires_at <= now
 
 
+def _log_failure(done: "Future[None]") -> None:
+    if done.exception() is not None:
+        log.warning("warm tier: deleting a damaged record failed (it is set aside and no longer "
+                    "served; the next start retries): %s", done.exception())
+
+
 def _disk_full(exc: lmdb.Error) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
 
@@ -352,9 +394,12 @@ def count_stored(path: Path) -> int:
         env.close()
 
 
-def read_stored(path: Path, batch: int) -> Iterator[list[Entry]]:
-    """Every entry of the warm tier at ``path``, responses included, ``batch`` at a time, in key
-    order, from one read transaction."""
+def read_stored(path: Path, batch: int, *, keys: KeyRing | None = None,
+                quarantine: Quarantine | None = None) -> Iterator[list[Entry]]:
+    """Every readable entry of the warm tier at ``path``, responses included, ``batch`` at a
+    time, in key order, from one read transaction; unreadable records go to ``quarantine``
+    (damaged) or are dropped (deleted users)."""
+    quarantine = quarantine or Quarantine(None)
     env = _open_readonly(path)
     if env is None:
         return
@@ -365,8 +410,12 @@ def read_stored(path: Path, batch: int) -> Iterator[list[Entry]]:
             return
         with env.begin(db=db) as txn:
             chunk: list[Entry] = []
-            for _, value in txn.cursor():
-                chunk.append(decode(value))
+            for key, value in txn.cursor():
+                entry_id = bytes(key).decode(errors="replace")
+                try:
+                    chunk.append(decode(value, keys=keys, entry_id=entry_id))
+                except CorruptRecord as exc:
+                    quarantine.keep("warm", [(entry_id, bytes(value), exc)])
                 if len(chunk) >= batch:
                     yield chunk
                     chunk = []
@@ -380,16 +429,17 @@ class BulkWriter:
     """Writes entries into a new warm-tier environment at ``path``, one transaction a call and
     no fsync until :meth:`close`, which makes everything durable (file and directory)."""
 
-    def __init__(self, path: Path, map_size: int) -> None:
+    def __init__(self, path: Path, map_size: int, *, keys: KeyRing | None = None) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
+        self._keys = keys
         self._map_size = max(_MIN_MAP_BYTES, map_size)
         self._env = lmdb.open(str(path), map_size=self._map_size, max_dbs=2, sync=False,
                               metasync=False, readahead=False)
         self._db = self._env.open_db(_DB)
 
     def put(self, entries: Sequence[Entry]) -> None:
-        encoded = [(e.id.encode(), encode(e)) for e in entries]
+        encoded = [(e.id.encode(), encode(e, keys=self._keys)) for e in entries]
         while True:
             try:
                 with self._env.begin(db=self._db, write=True) as txn:
