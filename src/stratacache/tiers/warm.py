@@ -150,13 +150,13 @@ class WarmTier:
                 try:
                     return self._decode(key, value)
                 except CorruptRecord as exc:
-                    damaged = bytes(value)
+                    damaged, error = bytes(value), exc
         except lmdb.Error as exc:
             raise StorageFailed(f"warm tier (LMDB) read failed: {exc}") from exc
         # Served as a miss from now on; the record is set aside and deleted on the writer
         # thread, in order with every other write.
         self._unindex(entry_id)
-        self._quarantine.keep("warm", [(entry_id, damaged, exc)])
+        self._quarantine.keep("warm", [(entry_id, damaged, error)])
         self._writer.submit(self._write, [([], [key], None)]).add_done_callback(_log_failure)
         return None
 
