@@ -97,3 +97,17 @@ def test_vs_gptcache_runs_on_a_small_slice(tmp_path: Path) -> None:
     for system in ("stratacache", "gptcache"):
         crowded = report["systems"][system]["crowded"]
         assert crowded["lookup_errors"] == 0 and any(crowded["entries_after_store"].values())
+
+
+def test_overload_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
+    from benchmarks import overload
+
+    out = tmp_path / "overload.json"
+    assert overload.main(["--data", str(QQP), "--entries", "20", "--waves", "1", "--wave", "40",
+                          "--exact-fraction", "0.25", "--channels", "2", "--out",
+                          str(out)]) == 0
+    report = json.loads(out.read_text())
+    [wave] = report["waves"]
+    assert wave["calls"] == 40 and wave["exact"]["calls"] == 10
+    assert sum(wave["outcomes"].values()) == 40
+    assert wave["semantic"]["calls"] + wave["exact"]["calls"] == 40

@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from stratacache.cli import main
-from stratacache.pairs import LabelledPair, write_pairs
+from stratacache.pairs import write_pairs
 
 from .data import qqp_pairs
 
 
 def test_calibrate_sends_pairs_and_sets_the_bound(server, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     pairs = tmp_path / "pairs.jsonl"
-    write_pairs(pairs, [LabelledPair(p["a"], p["b"], p["duplicate"]) for p in qqp_pairs(120)])
+    write_pairs(pairs, qqp_pairs(120))
     assert main(["calibrate", "--pairs", str(pairs), "--namespace", "support",
                  "--target", server.target, "--max-wrong-rate", "0.3"]) == 0
     printed = capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
@@ -24,6 +25,10 @@ def test_hnsw_recall_at_1_against_exact_search(encoder) -> None:  # type: ignore
                       prompt=texts[i], response=b"", vector=v, created_at=0.0))
     exact, _ = _core.topk_ip(queries, stored, 1)
     now = time.time()
-    found = [int(hot.search(b"p", q, 1, now)[0].entry_id, 16) for q in queries]
+
+    async def search_all() -> list[int]:
+        return [int((await hot.search(b"p", q, 1, now))[0].entry_id, 16) for q in queries]
+
+    found = asyncio.run(search_all())
     recall = float(np.mean(np.array(found) == exact[:, 0]))
     assert recall >= 0.97, recall

@@ -16,7 +16,7 @@ OTHER_PARAPHRASE = "Where is the reset password link for my account?"  # cosine 
 
 
 def _evidence(n: int, skip: int = 0) -> list[tuple[str, str, bool]]:
-    return [(p["a"], p["b"], p["duplicate"]) for p in qqp_pairs(skip + n)[skip:]]
+    return [(p.a, p.b, p.duplicate) for p in qqp_pairs(skip + n)[skip:]]
 
 
 def test_bound_without_evidence_serves_exact_hits_only(client: Client, namespace: str) -> None:

@@ -44,7 +44,7 @@ def _quick(pairs: Path, out: Path, *extra: str | Path) -> int:
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("pairs") / "slice.jsonl.gz"
-    write_pairs(path, [LabelledPair(p["a"], p["b"], p["duplicate"]) for p in qqp_pairs(SLICE)])
+    write_pairs(path, qqp_pairs(SLICE))
     return path
 
 

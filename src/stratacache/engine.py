@@ -279,10 +279,17 @@ class Engine:
             uptime_s=time.monotonic() - self._started, simd_isa=_core.simd_isa(),
             verifier="" if self.verifier is None else self.verifier.identity.name,
             verify_batches=verify_batches, verify_pairs=verify_pairs,
+            shed_deadline=sum(b.stats.shed for b in self._batchers()),
+            model_restarts=sum(b.stats.restarts for b in self._batchers()),
+            storage_errors=sum(m.tier_errors.values()), damaged_records=self.quarantine.damaged,
+            erased_records=self.quarantine.erased,
             namespaces={ns: NamespaceStats(st.evidence, st.feedback_correct, st.feedback_wrong,
                                            st.vetoed_entries)
                         for ns in self.policies.namespaces()
                         for st in (self.policies.status(ns),)})
+
+    def _batchers(self) -> list[Batcher[Any, Any]]:
+        return [b for b in (self._embedder, self._verifier) if b is not None]
 
     def _check_open(self) -> None:
         if self._closed:

@@ -117,6 +117,11 @@ class Stats:
     verify_batches: int = 0
     verify_pairs: int = 0
     namespaces: Mapping[str, "NamespaceStats"] = field(default_factory=dict)
+    shed_deadline: int = 0
+    model_restarts: int = 0
+    storage_errors: int = 0
+    damaged_records: int = 0
+    erased_records: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -176,7 +176,8 @@ class Pipeline:
                 if candidates:
                     best = max(best, candidates[0].similarity)
                 resolved = await self._resolve(candidates, vector, gate, verify, now)
-                scores = await self._verify(k.prompt, resolved, gate) if verify else None
+                scores = (await self._verify(k.prompt, resolved, gate, request.deadline)
+                          if verify else None)
                 found = decide(bool(candidates), resolved, scores, gate=gate, threshold=threshold)
                 if isinstance(found, Hit):
                     self._placement.served(found.entry, tier)
@@ -235,14 +236,15 @@ class Pipeline:
             passing += not vetoed and passes_gate(similarity, gate)
         return resolved
 
-    async def _verify(self, prompt: str, resolved: list[Resolved], gate: float) -> list[float]:
+    async def _verify(self, prompt: str, resolved: list[Resolved], gate: float,
+                      deadline: float | None) -> list[float]:
         passing = [r for r in resolved if not r.vetoed and passes_gate(r.similarity, gate)]
         if not passing:
             return []
         assert self._verifier is not None
         with self._metrics.stage("verify"):
             return await self._verifier.submit_many(
-                [(prompt, r.entry.prompt, r.similarity) for r in passing])
+                [(prompt, r.entry.prompt, r.similarity) for r in passing], deadline=deadline)
 
     async def _guarded(self, step: Awaitable[T], tier: TierKind) -> T | None:
         """``step``'s result, or None when a durable tier fails: a lookup degrades to a miss."""

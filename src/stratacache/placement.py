@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ T = TypeVar("T")
 
 #: Entries moved from warm to cold per transaction when warm is over budget.
 DEMOTION_BATCH = 512
+#: Seconds between log lines about moves failing for a full or failing disk.
+MOVE_WARNING_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -100,6 +103,7 @@ class Placement:
         #: ``Pipeline``): an entry moving against the search order could have been skipped.
         self.epoch = 0
         self._key_locks = KeyedLocks()
+        self._writing = 0  # bytes of Stores being written to warm now (see _make_room)
         self._expiry: list[tuple[float, str]] = []
         self._background: set[asyncio.Task[Any]] = set()
         self._demotion: asyncio.Task[None] | None = None
@@ -107,6 +111,7 @@ class Placement:
         self.promotions: dict[TierKind, int] = {t: 0 for t in TierKind}
         self.expired = 0
         self.move_failures = 0
+        self._last_move_warning = -MOVE_WARNING_INTERVAL_S
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -219,13 +224,39 @@ class Placement:
             if len(self.cold):
                 replaced.update(i.id for i in await self.cold.infos(
                     Filter(exact_keys=(entry.exact_key,))))
-            await self.warm.put([entry], replacing=replaced)
+            size = await self._make_room(entry)
+            try:
+                await self.warm.put([entry], replacing=replaced)
+            finally:
+                self._writing -= size
             if replaced:
                 await self.remove(replaced)  # whatever was not in warm, and moves of it
             self._hold_hot(entry)
             self._track_expiry(entry)
             self.maybe_demote()
             return bool(replaced)
+
+    async def _make_room(self, entry: Entry) -> int:
+        """Waits while writing ``entry`` (with the Stores already writing) would take the warm
+        tier past its budget, until demotion has moved older entries out: a burst of Stores
+        must not outrun demotion and grow the file past ``--warm-max-mib`` (LMDB's file never
+        shrinks). Returns the bytes reserved for the entry; the caller releases them.
+
+        Raises:
+            StorageFull, StorageFailed: demotion failed (the disk is full or failing).
+        """
+        size = len(entry.response) + len(entry.prompt.encode()) + entry.vector.nbytes + 1024
+        self._writing += size
+        try:
+            while self.warm.footprint() + self._writing > self.warm.max_bytes:
+                self.maybe_demote()
+                if self._demotion is None or self._demotion.done():
+                    break  # nothing left to move out: the budget is smaller than this entry
+                await asyncio.shield(self._demotion)  # a cancelled Store must not cancel it
+        except BaseException:
+            self._writing -= size
+            raise
+        return size
 
     # --- removing -----------------------------------------------------------------------------
 
@@ -301,13 +332,15 @@ class Placement:
             self._unregister(move)
 
     def maybe_demote(self) -> None:
-        if self.warm.over_budget() and (self._demotion is None or self._demotion.done()):
+        if (self.warm.over_budget(self._writing)
+                and (self._demotion is None or self._demotion.done())):
             self._demotion = self._spawn(self._demote_warm())
 
     async def _demote_warm(self) -> None:
-        """Moves warm's least recently used entries to cold until warm is under its watermark."""
-        while self.warm.over_budget():
-            ids = self.warm.coldest(DEMOTION_BATCH, skip=self._moving)
+        """Moves warm's least recently used entries to cold until warm, with the Stores being
+        written, is under its low watermark."""
+        while self.warm.over_budget(self._writing):
+            ids = self.warm.coldest(DEMOTION_BATCH, skip=self._moving, incoming=self._writing)
             if not ids:
                 return
             moves = [self._register(e, TierKind.WARM) for e in self.warm.read_many(ids)]
@@ -383,7 +416,12 @@ class Placement:
         exc = task.exception()
         self.move_failures += 1
         if isinstance(exc, (StorageFull, StorageFailed)):
-            log.warning("moving entries between tiers failed, they stay where they were: %s", exc)
+            # A full disk fails every move until space is freed: one line per interval.
+            now = time.monotonic()
+            if now - self._last_move_warning >= MOVE_WARNING_INTERVAL_S:
+                log.warning("moving entries between tiers failed (%d times so far), they stay "
+                            "where they were: %s", self.move_failures, exc)
+                self._last_move_warning = now
         else:
             log.error("moving entries between tiers failed: %r", exc, exc_info=exc)
 

@@ -58,6 +58,11 @@ CREATE INDEX IF NOT EXISTS entries_created ON entries(created_at);
 """
 
 _NOT_EXPIRED = "(expires_at IS NULL OR expires_at > ?)"
+#: Eviction starts when the footprint passes HIGH_WATERMARK of the budget and ends at
+#: LOW_WATERMARK; the WAL is checkpointed and cut back at WAL_SHARE of it.
+HIGH_WATERMARK = 0.9
+LOW_WATERMARK = 0.8
+WAL_SHARE = 1 / 16
 
 
 class ColdTier:
@@ -66,7 +71,8 @@ class ColdTier:
     Args:
         path: the database file.
         dimension: vector length.
-        max_bytes: bound on stored bytes; past it the oldest entries are evicted (0 = none).
+        max_bytes: budget for the database and its WAL, bytes; past HIGH_WATERMARK of it the
+            oldest entries are evicted (0 = none).
 
     SQLite errors surface as :class:`~stratacache.errors.StorageFull` (disk full) or
     :class:`~stratacache.errors.StorageFailed`; a failed write changes nothing.
@@ -83,8 +89,10 @@ class ColdTier:
         # Rows the tier's thread deleted on its own (damaged records), for the event loop to
         # take out of its counts.
         self._deleted_by_thread: queue.SimpleQueue[tuple[str, bytes, int]] = queue.SimpleQueue()
+        self._path = path
+        self._wal_peak = 0  # bytes; read and written on the tier's thread only
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cold")
-        self._db = self._executor.submit(self._connect, path).result()
+        self._db = self._executor.submit(self._connect, path, max_bytes).result()
         # Per-partition entry counts, kept on the event loop, so lookups skip empty partitions
         # without a query.
         self._counts: Counter[bytes] = Counter(dict(self._sync_query(
@@ -92,10 +100,17 @@ class ColdTier:
         self.bytes = int(self._sync_query("SELECT COALESCE(SUM(size), 0) FROM entries")[0][0])
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, max_bytes: int) -> sqlite3.Connection:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
+        if max_bytes:
+            # The WAL counts against the budget: checkpoint it, and cut the file back, once it
+            # holds a small share of the budget (by default it grows to 4 MiB and stays).
+            wal_bytes = max(256 << 10, int(max_bytes * WAL_SHARE))
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+            db.execute(f"PRAGMA wal_autocheckpoint={max(16, wal_bytes // page)}")
+            db.execute(f"PRAGMA journal_size_limit={wal_bytes}")
         # Deleted rows are overwritten, not left in free pages: DeleteUser must erase them
         # (``scrub`` then empties the WAL, which still holds the old pages).
         db.execute("PRAGMA secure_delete=ON")
@@ -187,26 +202,38 @@ class ColdTier:
         return await asyncio.shield(self._put(entries, list(replacing)))
 
     async def _put(self, entries: Sequence[Entry], replacing: list[str]) -> list[str]:
-        rows, replaced = await self._run(self._insert, entries, replacing)
+        rows, replaced, footprint = await self._run(self._insert, entries, replacing)
         self._uncount(replaced)
         for e, row in zip(entries, rows):
             self._counts[e.partition] += 1
             self.bytes += row[9]
-        if self.max_bytes and self.bytes > self.max_bytes:
-            return await self._evict()
+        if self.max_bytes and footprint > self.max_bytes * HIGH_WATERMARK:
+            return await self._evict(footprint)
         return []
 
+    def _footprint(self) -> int:
+        """What the tier takes on disk, bytes: the database's pages in use (free pages are
+        reused, so they do not grow the file) plus the largest WAL seen (a transaction, such
+        as a demotion batch, grows it past its checkpoint size before it is cut back)."""
+        used = self._db.execute(
+            "SELECT (page_count - freelist_count) * page_size FROM pragma_page_count(), "
+            "pragma_freelist_count(), pragma_page_size()").fetchone()[0]
+        wal = self._path.with_name(self._path.name + "-wal")
+        self._wal_peak = max(self._wal_peak, wal.stat().st_size if wal.exists() else 0)
+        return int(used) + self._wal_peak
+
     def _insert(self, entries: Sequence[Entry], replacing: list[str]
-                ) -> tuple[list[tuple], list[tuple[str, bytes, int]]]:
+                ) -> tuple[list[tuple], list[tuple[str, bytes, int]], int]:
         """Inserts entries in one transaction (replacing rows with their ids, and deleting
-        ``replacing``); returns the rows and (id, partition, size) of the rows deleted.
-        Encodes here, on the tier's thread: a user's first record creates its key (an fsync)."""
+        ``replacing``); returns the rows, (id, partition, size) of the rows deleted, and the
+        footprint after (0 without a budget). Encodes here, on the tier's thread: a user's
+        first record creates its key (an fsync)."""
         rows = [_row(e, self._keys) for e in entries]
         with self._db:
             self._db.execute("BEGIN")
             replaced = self._delete_rows([row[0] for row in rows] + replacing)
             self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-        return rows, replaced
+        return rows, replaced, self._footprint() if self.max_bytes else 0
 
     async def remove(self, ids: Collection[str]) -> list[str]:
         """Removes entries; returns the ids that were here."""
@@ -243,8 +270,10 @@ class ColdTier:
                 del self._counts[partition]
             self.bytes -= size
 
-    async def _evict(self) -> list[str]:
-        over = self.bytes - self.max_bytes
+    async def _evict(self, footprint: int) -> list[str]:
+        """Evicts the oldest entries until the footprint falls to LOW_WATERMARK of the budget."""
+        # In units of the rows' sizes, which is what deleting one frees.
+        over = (footprint - self.max_bytes * LOW_WATERMARK) * self.bytes / max(1, footprint)
         rows = await self._run(lambda: self._db.execute(
             "SELECT id, size FROM entries ORDER BY created_at").fetchmany(100_000))
         chosen, freed = [], 0

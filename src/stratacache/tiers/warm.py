@@ -6,9 +6,12 @@ are memory-mapped and fast enough to run on the event loop. What the tier must k
 entry without reading it (partition, expiry, template, user, size) is kept in memory and rebuilt
 from the file at start-up.
 
-The tier is bounded by ``max_bytes``, an estimate of the space its entries take in the file
-(LMDB stores values over about half a page in whole overflow pages). The engine demotes the
-least recently used entries to the cold tier when ``over_budget()``.
+The tier is bounded by ``max_bytes``, a budget for its file. What counts is the larger of an
+estimate from the entries' sizes (LMDB stores values over about half a page in whole overflow
+pages) and the pages the file really has in use (B-tree pages and their fill, measured after
+each commit). The engine demotes the least recently used entries to the cold tier when
+``over_budget()``: past HIGH_WATERMARK of the budget, down to LOW_WATERMARK, leaving the rest
+for the free pages copy-on-write needs, so the file stays within the budget.
 """
 
 from __future__ import annotations
@@ -38,7 +41,10 @@ _PAGE = 4096
 _DB = b"entries"  # the named LMDB database holding the entries
 _MIN_MAP_BYTES = 64 << 20
 #: After a demotion the tier holds at most this share of its budget (hysteresis).
-LOW_WATERMARK = 0.9
+LOW_WATERMARK = 0.75
+#: Demotion starts when the file's pages in use pass this share of the budget: the rest is room
+#: for the free pages LMDB's copy-on-write keeps, so the file itself stays within the budget.
+HIGH_WATERMARK = 0.85
 #: Partitions with at least this many entries are scanned on a worker thread (about 1.5 ms of
 #: scan at 384 dimensions), smaller ones inline: a thread hop costs more than a small scan.
 OFF_LOOP_ROWS = 8192
@@ -188,13 +194,30 @@ class WarmTier:
         if entry_id in self._recency:
             self._recency.move_to_end(entry_id)
 
-    def over_budget(self) -> bool:
-        return self.bytes > self.max_bytes
+    def used_bytes(self) -> int:
+        """Bytes of the file's pages in use (every database's B-tree and overflow pages, and
+        the two meta pages): what the entries really take, without the free pages."""
+        with self._env.begin() as txn:
+            pages = sum(s["branch_pages"] + s["leaf_pages"] + s["overflow_pages"]
+                        for s in (txn.stat(), txn.stat(self._db)))
+        return (pages + 2) * self._env.stat()["psize"]
 
-    def coldest(self, limit: int, skip: Container[str] = ()) -> list[str]:
-        """Up to ``limit`` least recently used ids (not in ``skip``) to move out so the tier
-        falls to its low watermark; walks no further than it returns."""
-        target = self.bytes - int(self.max_bytes * LOW_WATERMARK)
+    def footprint(self) -> int:
+        """What the entries take, bytes: the larger of the estimate and the pages in use."""
+        return max(self.bytes, self.used_bytes())
+
+    def over_budget(self, incoming: int = 0) -> bool:
+        """Whether the entries, and ``incoming`` bytes about to be written, pass the high
+        watermark."""
+        return self.footprint() + incoming > self.max_bytes * HIGH_WATERMARK
+
+    def coldest(self, limit: int, skip: Container[str] = (), incoming: int = 0) -> list[str]:
+        """Up to ``limit`` least recently used ids (not in ``skip``) to move out so the tier,
+        with ``incoming`` bytes about to be written, falls to its low watermark; walks no
+        further than it returns."""
+        footprint = self.footprint() + incoming
+        # In units of the entries' estimated sizes, which is what moving one frees.
+        target = (footprint - self.max_bytes * LOW_WATERMARK) * self.bytes / max(1, footprint)
         chosen, freed = [], 0
         for entry_id in self._recency:
             if freed >= target or len(chosen) >= limit:
