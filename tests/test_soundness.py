@@ -129,6 +129,22 @@ def test_an_entry_moving_between_tiers_is_found_by_exact_and_semantic_lookups(
     asyncio.run(scenario())
 
 
+def test_a_hit_in_one_tier_searches_no_tier_below_it(encoder: Encoder, tmp_path: Path) -> None:
+    """Search stops at the first tier that serves: a hot hit pays no warm or cold scan."""
+    async def scenario() -> None:
+        engine, ids, _ = await _with_cold_entries(encoder, tmp_path / "d")
+        hot_one = next(i for i, e in enumerate(ids) if e in engine.hot)
+        counts = lambda: {n: s.count for n, s in engine.metrics.stages().items()}  # noqa: E731
+        searched = counts()
+        hit = await engine.lookup(LookupRequest(prompt=TOPICS[hot_one] + " Please explain."))
+        assert hit.hit and hit.tier is Tier.HOT
+        for stage in ("search_warm", "search_cold"):
+            assert counts().get(stage, 0) == searched.get(stage, 0), stage
+        await engine.close()
+
+    asyncio.run(scenario())
+
+
 # --- per-miss work is bounded ----------------------------------------------------------------
 
 def test_a_miss_probes_a_bounded_number_of_other_scopes(encoder: Encoder, tmp_path: Path) -> None:

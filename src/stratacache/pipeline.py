@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -172,7 +172,7 @@ class Pipeline:
         best, reason = 0.0, MissReason.NO_CANDIDATE
         for _ in range(1 + SEARCH_RETRIES):
             epoch = self._placement.epoch
-            for tier, candidates in await self._search(k.partition, vector, now):
+            async for tier, candidates in self._search(k.partition, vector, now):
                 if candidates:
                     best = max(best, candidates[0].similarity)
                 resolved = await self._resolve(candidates, vector, gate, verify, now)
@@ -198,23 +198,22 @@ class Pipeline:
         return Keys(prompt, partition, keys.exact_key(partition, prompt), hint)
 
     async def _search(self, partition: bytes, vector: np.ndarray,
-                      now: float) -> list[tuple[TierKind, list[Candidate]]]:
-        """Candidates per tier, in search order: entries moving between tiers first (exactly),
-        then each tier that may hold something the ones before it did not."""
+                      now: float) -> AsyncIterator[tuple[TierKind, list[Candidate]]]:
+        """Candidates per tier, in search order, one tier at a time (the caller stops at the
+        first that serves): entries moving between tiers first (exactly), then each tier that
+        may hold something the ones before it did not."""
         moving = [e for e in self._placement.moving_in(partition) if not e.expired(now)]
-        found: list[tuple[TierKind, list[Candidate]]] = []
         if moving:
             sims = np.stack([e.vector for e in moving]) @ vector
             order = np.argsort(-sims)[:SEARCH_K]
-            found.append((TierKind.WARM, [Candidate(moving[i].id, float(sims[i])) for i in order]))
+            yield TierKind.WARM, [Candidate(moving[i].id, float(sims[i])) for i in order]
         for tier in self._placement.tiers:
             if not self._placement.worth_searching(tier, partition):
                 continue
             with self._metrics.stage(f"search_{tier.kind.name.lower()}"):
                 candidates = await self._guarded(tier.search(partition, vector, SEARCH_K, now),
                                                  tier.kind)
-            found.append((tier.kind, candidates or []))
-        return found
+            yield tier.kind, candidates or []
 
     async def _resolve(self, candidates: list[Candidate], vector: np.ndarray, gate: float,
                        verify: bool, now: float) -> list[Resolved]:
