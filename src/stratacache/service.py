@@ -49,6 +49,8 @@ _STATUS: dict[type[errors.CacheError], grpc.StatusCode] = {
 }
 #: Statuses that are the caller's to fix, or a normal shutdown: logged at INFO. The others say
 #: the server is short of something or failing, and are logged at WARNING.
+#: Seconds between log lines about one method's RESOURCE_EXHAUSTED refusals.
+REFUSAL_LOG_INTERVAL_S = 1.0
 _CALLER_STATUSES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                               grpc.StatusCode.UNAVAILABLE})
 
@@ -68,16 +70,37 @@ def status_of(error: errors.CacheError) -> grpc.StatusCode:
 
 
 async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode,
-                 message: str) -> None:
-    log.log(logging.INFO if code in _CALLER_STATUSES else logging.WARNING, "%s -> %s: %s",
-            method, code.name, message)
+                 message: str, *, logged: bool = True) -> None:
+    if logged:
+        log.log(logging.INFO if code in _CALLER_STATUSES else logging.WARNING, "%s -> %s: %s",
+                method, code.name, message)
     await context.abort(code, message)
+
+
+class _Refusals:
+    """Counts one method's RESOURCE_EXHAUSTED refusals and says when to log them: at once, then
+    at most once per REFUSAL_LOG_INTERVAL_S with how many there were (an overload refuses
+    thousands of calls a second; a line each would spend the CPU the overload lacks)."""
+
+    def __init__(self) -> None:
+        self._last = -REFUSAL_LOG_INTERVAL_S
+        self._since = 0
+
+    def refused(self) -> int:
+        """Counts a refusal; returns how many to report now (0: not yet)."""
+        self._since += 1
+        now = time.monotonic()
+        if now - self._last < REFUSAL_LOG_INTERVAL_S:
+            return 0
+        self._last, count, self._since = now, self._since, 0
+        return count
 
 
 def _unary(method: MethodDescriptor, behaviour: _Behaviour,
            ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
     """The handler of one unary RPC: decode, run ``behaviour``, map its errors (module doc)."""
     request_type = message_factory.GetMessageClass(method.input_type)
+    refusals = _Refusals()
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
         request = request_type()
@@ -90,7 +113,12 @@ def _unary(method: MethodDescriptor, behaviour: _Behaviour,
         try:
             return await behaviour(request, context)
         except errors.CacheError as exc:
-            await _abort(context, method.name, status_of(exc), str(exc))
+            code = status_of(exc)
+            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (count := refusals.refused()):
+                log.info("%s -> RESOURCE_EXHAUSTED (%d calls since the last line): %s",
+                         method.name, count, exc)
+            await _abort(context, method.name, code, str(exc),
+                         logged=code is not grpc.StatusCode.RESOURCE_EXHAUSTED)
         except grpc.aio.AbortError:  # the behaviour aborted the call itself: already answered
             raise
         except Exception:
