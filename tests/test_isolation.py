@@ -52,13 +52,18 @@ def test_scope_filter_costs_no_recall(server, namespace: str) -> None:  # type: 
     to the query (the query itself) sit under other scopes."""
 
     async def fill() -> None:
-        # 1,000 Stores at once take several seconds of embedding on 2 cores: more than the
-        # default 10 s store deadline leaves on a busy machine. This test is about recall.
+        # 1,000 Stores take several seconds of embedding on 2 cores: more than the default 10 s
+        # store deadline leaves on a busy machine. This test is about recall.
         async with AsyncClient(server.target, timeout=120) as c:
             await c.store(QUESTION, "under S", namespace=namespace, scope={"conv": "S"})
-            await asyncio.gather(*(
-                c.store(PARAPHRASE, f"other {i}", namespace=namespace, scope={"conv": f"o{i}"})
-                for i in range(1000)))
+            in_flight = asyncio.Semaphore(64)  # within the embedding queue's bound
+
+            async def store(i: int) -> None:
+                async with in_flight:
+                    await c.store(PARAPHRASE, f"other {i}", namespace=namespace,
+                                  scope={"conv": f"o{i}"})
+
+            await asyncio.gather(*(store(i) for i in range(1000)))
 
     asyncio.run(fill())
     with server.client() as c:
