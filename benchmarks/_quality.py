@@ -203,7 +203,8 @@ def format_table(pair_rows: list[dict[str, object]], crowded_rows: list[dict[str
     for p, c in zip(pair_rows, crowded_rows):
         mark = f"  <- {label}" if p["threshold"] == chosen else ""
         lines.append(
-            f"{p['threshold']:>5.2f}  {pct(p['precision']):>6} {ci(p['precision'])}  "
+            f"{p['threshold']:>5.{2 if round(p['threshold'], 2) == p['threshold'] else 4}f}"
+            f"  {pct(p['precision']):>6} {ci(p['precision'])}  "
             f"{pct(p['recall']):>6}  {pct(c['labelled_precision']):>11}  "
             f"{pct(c['strict_precision']):>8}  {pct(c['recall']):>7}  "
             f"{pct(c['wrong_hit_rate']):>9}  {ci(c['wrong_hit_rate'])}{mark}")

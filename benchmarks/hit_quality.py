@@ -18,9 +18,14 @@ default marked.
     python -m benchmarks.hit_quality --limit 0          # every pair in the file
     python -m benchmarks.hit_quality --target HOST:PORT # an already running server
     python -m benchmarks.hit_quality --verifier OUT/verifier --limit 0
-        # the text-disjoint test part, plain and verified side by side, the server's wrong-hit
-        # calibration (1, 2, 5 %) on the calibrate part checked on the test part, and recall on
+        # the text-disjoint test part: the verifier with the server's defaults only beside the
+        # cosine default, plain and verified curves side by side, the server's wrong-hit
+        # calibration (1 to 15 %) on the calibrate part checked on the test part, and recall on
         # another domain (benchmarks/data/product_api_pairs.jsonl) at the same settings
+
+Verified scores are the server's decision score (``LookupResult.verifier_score``: the verifier's
+score fused with the cosine when its card says so), the unit its threshold, its calibration and
+the verifier's card use.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ from stratacache import AsyncClient, Client
 from stratacache.pairs import LabelledPair
 
 from ._common import DEFAULT_DATA, RESULTS, machine, serve, write_json
-from ._quality import (crowded_rows, format_table, load_pairs, pair_rows, parse_thresholds,
-                       precision_at_recall, wilson)
+from ._quality import (crowded_rows, format_table, load_pairs, pair_counts, pair_rows,
+                       parse_thresholds, precision_at_recall, wilson)
 
 T = TypeVar("T")
 
@@ -65,13 +70,12 @@ async def _bounded(items: Sequence[T], work: Callable[[T], Awaitable[object]], l
 
 
 async def _protocols(c: AsyncClient, pairs: list[LabelledPair], concurrency: int,
-                     prefix: str, policy: dict[str, object] | None,
-                     label: str) -> dict[str, object]:
-    """Both protocols in namespaces of their own, with ``policy`` set on them and a cosine
-    floor of 0 unless ``policy`` gives one: a request may only tighten its namespace's floor,
-    so the namespaces admit every candidate and the threshold is swept on what comes back."""
+                     prefix: str, policy: dict[str, object], label: str) -> dict[str, object]:
+    """Both protocols in namespaces of their own, with ``policy`` set on them. A request may
+    only tighten its namespace's floor: to sweep a cosine threshold on what comes back, the
+    policy sets ``min_similarity`` 0 (without the verifier it is the threshold; with it, the
+    gate), and every lookup asks with ``min_similarity=0``."""
     pair_ns, crowded_ns = f"{prefix}-pair", f"{prefix}-crowded"
-    policy = {"min_similarity": 0.0, **(policy or {})}
     await c.set_policy(pair_ns, **policy)  # type: ignore[arg-type]
     await c.set_policy(crowded_ns, **policy)  # type: ignore[arg-type]
     stored = list(dict.fromkeys(p.a for p in pairs))
@@ -101,13 +105,25 @@ async def _protocols(c: AsyncClient, pairs: list[LabelledPair], concurrency: int
             "timings": timings}
 
 
+async def _verified_defaults(target: str, pairs: list[LabelledPair],
+                             concurrency: int) -> dict[str, object]:
+    """The verifier with the server's defaults only (no bound, no gate or threshold flags):
+    what GetPolicy says of them, and both protocols as the server decides them."""
+    run = uuid.uuid4().hex[:8]
+    async with AsyncClient(target, timeout=600) as c:
+        policy = await c.get_policy(f"bench-d-{run}-probe")
+        raw = await _protocols(c, pairs, concurrency, f"bench-d-{run}", {"verify": True},
+                               "verified, defaults")
+    return {"policy": policy, "raw": raw}
+
+
 async def _run(target: str, pairs: list[LabelledPair], concurrency: int, verified: bool,
                gate: float, evidence: list[LabelledPair], bounds: list[float],
                other: list[LabelledPair]) -> dict[str, object]:
     run = uuid.uuid4().hex[:8]
     out: dict[str, object] = {}
     async with AsyncClient(target, timeout=600) as c:
-        plain_policy = {"verify": False} if verified else None
+        plain_policy = {"min_similarity": 0.0, "verify": False if verified else None}
         out["plain"] = await _protocols(c, pairs, concurrency, f"bench-{run}", plain_policy,
                                         "plain")
         if not verified:
@@ -278,11 +294,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="use one part of the text-disjoint split (stratacache.pairs); "
                              "default: test with --verifier, else all")
     parser.add_argument("--verifier", type=Path, default=None,
-                        help="verifier folder: also measure verified hits, and the server's "
-                             "wrong-hit calibration on the split's calibrate part (starts a "
-                             "server of its own with --verify-threshold 0)")
-    parser.add_argument("--verify-gate", type=float, default=0.80,
-                        help="cosine gate for verified lookups")
+                        help="verifier folder: also measure verified hits with the server's "
+                             "defaults (a server of its own with no verifier flags), their "
+                             "curve (a second server with --verify-threshold 0 at the same "
+                             "gate) and the server's wrong-hit calibration on the split's "
+                             "calibrate part")
+    parser.add_argument("--verify-gate", type=float, default=None,
+                        help="cosine gate of the verified sweep; default: the gate the "
+                             "server derives from the verifier's card")
     parser.add_argument("--evidence-limit", type=int, default=0,
                         help="with --verifier: calibrate-part pairs sent as evidence (0 = all)")
     parser.add_argument("--bounds", default="0.01,0.02,0.05,0.10,0.15",
@@ -314,15 +333,22 @@ def main(argv: list[str] | None = None) -> int:
     other = (load_pairs(args.other_domain, None, args.seed)[0]
              if verified and str(args.other_domain) not in ("", ".") else [])
     started = time.perf_counter()
+    defaults: dict[str, object] = {}
+    gate = args.verify_gate
+    if verified:
+        with serve("--verifier", str(args.verifier)) as process:
+            defaults = asyncio.run(_verified_defaults(process.target, pairs, args.concurrency))
+        # float32 on the wire: the gate is a multiple of 0.05 (or the flag's value)
+        gate = gate if gate is not None else round(float(defaults["policy"]["gate"]), 4)  # type: ignore[index]
     flags = ("--verifier", str(args.verifier), "--verify-threshold", "0",
-             "--verify-gate", str(args.verify_gate)) if verified else ()
+             "--verify-gate", str(gate)) if verified else ()
     server = nullcontext(None) if args.target else serve(*flags)
     with server as process:
         target = args.target or process.target
         with Client(target, api_key=args.api_key) as c:
             default = round(float(c.stats()["default_min_similarity"]), 6)
-        raw = asyncio.run(_run(target, pairs, args.concurrency, verified, args.verify_gate,
-                               evidence, bounds, other))
+        raw = asyncio.run(_run(target, pairs, args.concurrency, verified, gate, evidence,
+                               bounds, other))
     elapsed = time.perf_counter() - started
 
     thresholds = sorted(set(args.thresholds) | {default})
@@ -351,10 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     if verified:
         grid = sorted({round(x / 100, 2) for x in range(0, 101, 5)}
                       | {round(x / 100, 2) for x in range(80, 100)})
+        policy = defaults["policy"]
+        threshold = float(policy["threshold"])  # type: ignore[index]
+        grid = sorted(set(grid) | {threshold})
         ver = _evaluate(raw["verified"], pairs, grid, True)  # type: ignore[arg-type]
         summary["verified"] = ver
-        print(f"\nverified (cosine gate {args.verify_gate}, threshold on the verifier score):")
-        print(format_table(ver["pair"], ver["crowded"]["by_threshold"], None))  # type: ignore[arg-type, index]
+        print(f"\nverified (cosine gate {gate}, threshold on the decision score):")
+        print(format_table(ver["pair"], ver["crowded"]["by_threshold"], threshold,  # type: ignore[arg-type, index]
+                           label="default"))
+        at_defaults = _at_defaults(defaults["raw"], plain, ver, pairs, threshold, default)  # type: ignore[arg-type]
+        print(f"\nserver defaults, side by side (the verifier's: {policy['threshold_source']}: "  # type: ignore[index]
+              f"{policy['message']})")
+        print(_defaults_table(at_defaults))
+        payload["verified_defaults"] = {"policy": policy, **at_defaults}
         print("\nprecision at recall 0.50 (test part, 95% Wilson intervals):")
         print(_summary_table(summary))
         checks = {name: [_bound_check(cal, summary[name], pairs, raw[name])  # type: ignore[arg-type]
@@ -363,11 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nwrong-hit bounds calibrated by the server on the calibrate part "
               f"({len(evidence)} pairs), measured on the test part:")
         print(_bounds_table(checks))
-        payload.update({"verified": _public(ver), "verify_gate": args.verify_gate,
+        payload.update({"verified": _public(ver), "verify_gate": gate,
                         "verifier": str(args.verifier), "bounds": checks,
                         "calibration_evidence_pairs": len(evidence)})
         if other:
-            payload["other_domain"] = _other_domain(raw, other, checks, default)
+            payload["other_domain"] = _other_domain(raw, other, checks, default, threshold)
             print(f"\nother domain ({args.other_domain.name}, {len(other)} pairs), pair "
                   "protocol recall at the same settings:")
             for row in payload["other_domain"]["rows"]:  # type: ignore[index]
@@ -380,12 +415,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _at_defaults(raw: dict[str, object], plain: dict[str, object], swept: dict[str, object],
+                 pairs: list[LabelledPair], threshold: float,
+                 cosine_default: float) -> dict[str, object]:
+    """Both protocols as the defaults server decided them (a hit or not), beside the cosine
+    default from the plain sweep; and how many pair decisions the sweep, read at the default
+    threshold, reproduces."""
+    duplicate = [p.duplicate for p in pairs]
+    hits = [bool(r.hit) for r in raw["pair"]]  # type: ignore[attr-defined, union-attr]
+    pair = pair_counts(hits, duplicate)
+    served = [(r.matched_prompt, 1.0) if r.hit else ("", -1.0)  # type: ignore[attr-defined]
+              for r in raw["crowded"]]  # type: ignore[union-attr]
+    _, crowded = crowded_rows(pairs, served, set(raw["stored"]), [0.0])  # type: ignore[arg-type]
+    swept_hits = [s >= threshold for s in swept["pair_scores"]]  # type: ignore[union-attr]
+    cos_pair = next(r for r in plain["pair"] if r["threshold"] == cosine_default)  # type: ignore[union-attr, index]
+    cos_crowded = next(r for r in plain["crowded"]["by_threshold"]  # type: ignore[index]
+                       if r["threshold"] == cosine_default)
+    ratio = (pair["recall"]["value"] / cos_pair["recall"]["value"]  # type: ignore[index, operator]
+             if cos_pair["recall"]["value"] else None)  # type: ignore[index]
+    return {"verified": {"pair": pair, "crowded": crowded[0]},
+            "cosine_default": {"threshold": cosine_default, "pair": cos_pair,
+                               "crowded": cos_crowded},
+            "pair_recall_ratio": ratio,
+            "sweep_agreement": sum(a == b for a, b in zip(hits, swept_hits)) / max(1, len(hits))}
+
+
+def _defaults_table(d: dict[str, object]) -> str:
+    lines = [f"{'setting':<22} {'pair P':<22} {'pair R':<22} {'crowded labelled P':<22} "
+             f"{'crowded R':<22}", "-" * 112]
+    for name, row in (("cosine default", d["cosine_default"]), ("verifier, defaults",
+                                                               d["verified"])):
+        p, c = row["pair"], row["crowded"]  # type: ignore[index]
+        lines.append(f"{name:<22} {_fmt(p['precision']):<22} {_fmt(p['recall']):<22} "
+                     f"{_fmt(c['labelled_precision']):<22} {_fmt(c['recall']):<22}")
+    ratio = d["pair_recall_ratio"]
+    lines.append(f"pair recall, verifier / cosine: {'-' if ratio is None else f'{ratio:.2f}'}x; "  # type: ignore[str-format]
+                 f"the sweep at the default threshold reproduces {d['sweep_agreement']:.1%} of "
+                 "the defaults server's pair decisions")
+    return "\n".join(lines)
+
+
 def _public(evaluation: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in evaluation.items() if k not in ("pair_scores", "crowded_served")}
 
 
 def _other_domain(raw: dict[str, object], other: list[LabelledPair],
-                  checks: dict[str, list[dict[str, object]]], default: float) -> dict[str, object]:
+                  checks: dict[str, list[dict[str, object]]], default: float,
+                  verify_default: float) -> dict[str, object]:
     duplicate = [p.duplicate for p in other]
     plain_scores = _scores(raw["other_plain"]["pair"], False)  # type: ignore[index]
     ver_scores = _scores(raw["other_verified"]["pair"], True)  # type: ignore[index]
@@ -399,8 +475,9 @@ def _other_domain(raw: dict[str, object], other: list[LabelledPair],
     for t in sorted({0.80, 0.90, default}):
         add(f"plain cosine >= {t}" + (" (server default)" if t == default else ""),
             plain_scores, t)
-    for t in (0.5, 0.8, 0.9):
-        add(f"verified, verifier score >= {t}", ver_scores, t)
+    for t in sorted({0.5, 0.8, 0.9, verify_default}):
+        add(f"verified, decision score >= {t:.4g}"
+            + (" (server default)" if t == verify_default else ""), ver_scores, t)
     for name, scores in (("plain", plain_scores), ("verified", ver_scores)):
         for c in checks[name]:
             if c["threshold"] is not None:

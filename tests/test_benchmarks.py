@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks import hit_quality, latency, threshold_sweep
 
 from stratacache.pairs import read_pairs, write_pairs
@@ -62,6 +64,13 @@ def test_hit_quality_with_a_verifier_reports_both_scorers_and_bounds(
     assert report["verified"]["crowded"]["summary"]["lookups"] == 30
     assert [r["bound"] for r in report["bounds"]["verified"]] == [0.05, 0.5]
     assert report["other_domain"]["pairs"] == 8
+    # the verifier with the server's defaults only, beside the cosine default
+    defaults = report["verified_defaults"]
+    assert defaults["policy"]["threshold_source"] == "built_in"  # this folder has no card
+    assert report["verify_gate"] == pytest.approx(defaults["policy"]["gate"])
+    assert defaults["verified"]["pair"]["hit_rate"]["n"] == 30
+    assert defaults["cosine_default"]["threshold"] == report["server"]["default_min_similarity"]
+    assert 0.0 <= defaults["sweep_agreement"] <= 1.0
 
 
 def test_threshold_sweep_runs_on_a_small_slice(tmp_path: Path) -> None:

@@ -241,3 +241,61 @@ def test_the_server_serves_with_the_tuned_verifier(tuned: Path, start_server, en
         c.store("How do I learn Python quickly?", "answer")
         hit = c.lookup("What is the fastest way to learn Python?")
         assert hit.hit and hit.verifier_score is not None and 0 <= hit.verifier_score <= 1
+
+
+def test_card_numbers_reproduce_from_its_held_back_scores(
+        tuned: Path, parts: dict[str, list[LabelledPair]], encoder) -> None:  # type: ignore[no-untyped-def]
+    """One decision score: the card's ``decision`` metrics are those of the score a server with
+    the base model thresholds (the fused probability), computed from the held-back scores the
+    card holds; the server reads the same scores, and derives the operating point the card
+    reports."""
+    from stratacache import operating_point
+    from stratacache.verify import Fusion, Verifier
+
+    metrics = _card(tuned / "verifier")["metrics"]
+    held = metrics["held_back"]
+    labels = [p.duplicate for p in parts["calibrate"]]
+    assert held["part"] == "calibrate" and held["duplicate"] == [int(y) for y in labels]
+    assert len(held["base_cosine"]) == len(held["verifier"]) == len(labels)
+    fused = Fusion(**metrics["fusion_with_base_cosine"]["weights"])(
+        np.asarray(held["base_cosine"]), np.asarray(held["verifier"]))
+    decision = metrics["decision"]
+    assert decision["unit"] == "probability" and decision["score"].startswith("fused")
+    assert {k: v for k, v in decision.items() if k not in ("unit", "score")} == \
+        curve_metrics(fused, labels)
+    for key, value in decision.items():
+        if key.startswith("threshold_") and value is not None:
+            assert 0.0 <= value <= 1.0  # probabilities, unlike the fusion's logit thresholds
+
+    points = metrics["default_operating_point"]
+    for quantize, column in (("none", "verifier"), ("int8", "verifier_int8")):
+        verifier = Verifier(tuned / "verifier", device="cpu", embedder=encoder.identity,
+                            quantize=quantize)
+        served = verifier.held_back()
+        assert served is not None and served.scores_from == column
+        assert np.allclose(served.score, Fusion(**metrics["fusion_with_base_cosine"]["weights"])(
+            np.asarray(held["base_cosine"]), np.asarray(held[column])), atol=1e-6)
+        point = operating_point.choose(served, min_similarity=points["min_similarity"])
+        assert points[column]["threshold"] == pytest.approx(point.threshold)
+        assert points[column]["gate"] == pytest.approx(point.gate)
+    # the int8 column is what the int8 verifier scores (a server in int8 derives from it);
+    # int8 activations are scaled per batch, so a score moves by ~1e-3 with its batch
+    int8 = Verifier(tuned / "verifier", device="cpu", quantize="int8")
+    assert np.allclose(held["verifier_int8"][:5], int8.own_scores(
+        [(p.a, p.b) for p in parts["calibrate"][:5]]), atol=5e-3)
+    assert metrics["decision_int8"]["unit"] == "probability"
+
+
+def test_epoch_metrics_record_the_held_back_curve_per_epoch(tmp_path: Path,
+                                                            pairs_file: Path) -> None:
+    out = tmp_path / "out"
+    assert _run("--pairs", pairs_file, "--out", out, "--limit", 120, "--epochs", 2,
+                "--save-steps", 1000, "--device", "cpu", "--threads", 1,
+                "--epoch-metrics") == 0
+    card = _card(out / "verifier")
+    assert card["batch_size"] == 32  # --batch-size 0: the CPU's default
+    rows = card["metrics"]["per_epoch"]
+    assert [r["epoch"] for r in rows] == [1.0, 2.0]
+    assert rows[0]["step"] < rows[1]["step"] == card["steps"]
+    assert rows[-1]["decision"] == card["metrics"]["decision"]
+    assert set(rows[0]["decision"]) == set(card["metrics"]["decision"])

@@ -95,10 +95,15 @@ SERVE_FLAGS = (
           "verifier folder (OUT/verifier from `stratacache tune`, or any sentence-transformers "
           "CrossEncoder folder): semantic candidates are verified by it before they are served; "
           "unset = no verification"),
-    _Flag("verify_gate", float, config.DEFAULT_VERIFY_GATE,
-          "with a verifier: cosine similarity a candidate needs to be verified at all"),
-    _Flag("verify_threshold", float, config.DEFAULT_VERIFY_THRESHOLD,
-          "with a verifier: score in [0, 1] a hit needs when its namespace sets no wrong-hit bound"),
+    _Flag("verify_gate", float, None,
+          "with a verifier: cosine similarity a candidate needs to be verified at all; unset = "
+          "derived from the verifier's card (the highest gate costing at most half a point of "
+          "held-back recall; 0.80 for a card without held-back scores)"),
+    _Flag("verify_threshold", float, None,
+          "with a verifier: decision score in [0, 1] a hit needs when its namespace sets no "
+          "wrong-hit bound; unset = derived from the verifier's card (the loosest threshold "
+          "whose held-back precision beats cosine at --min-similarity by 0.01; 0.90 for a card "
+          "without held-back scores); GetPolicy says which and why"),
     _Flag("verify_candidates", int, config.DEFAULT_VERIFY_CANDIDATES,
           "with a verifier: most candidates per tier it scores (each costs one model pass)"),
     _Flag("verify_max_batch", int, config.DEFAULT_VERIFY_MAX_BATCH,

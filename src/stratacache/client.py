@@ -153,7 +153,10 @@ class LookupResult:
         age_s: seconds since the matched entry was stored.
         best_similarity: on a miss, the closest candidate's similarity (0.0 if none).
         server_time_us: the server's own time on the call, microseconds.
-        verifier_score: on a verified hit, the verifier's score in [0, 1]; else None.
+        verifier_score: the decision score in [0, 1] the namespace's threshold is compared
+            with (the verifier's, fused with the cosine when its card says so): on a
+            verified hit the served entry's, on a miss the best rejected candidate's;
+            None when no verifier ran.
         miss_reason: on a miss, why: "no_candidate", "below_similarity",
             "rejected_by_verifier", "vetoed", "uncalibrated", "other_scope" or "too_long";
             "" on a hit.

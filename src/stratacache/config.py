@@ -75,13 +75,13 @@ DEFAULT_MAX_MESSAGE_BYTES = 8 << 20
 #: Calls in flight at once; beyond it gRPC answers RESOURCE_EXHAUSTED at once.
 DEFAULT_MAX_CONCURRENT_RPCS = 1024
 
-#: Verification (with --verifier): candidates need this cosine to be verified at all (a loose
-#: gate: the verifier, not the cosine, decides), and the verifier's score must reach
-#: DEFAULT_VERIFY_THRESHOLD when the namespace sets no wrong-hit bound. Only the best
-#: DEFAULT_VERIFY_CANDIDATES candidates of a tier are verified: on 2 CPU cores one pair costs
-#: 10 ms, two 15 ms (an embedding: 10 ms), and a verified hit must stay within 2x of a plain one.
-DEFAULT_VERIFY_GATE = 0.80
-DEFAULT_VERIFY_THRESHOLD = 0.90
+#: Verification (with --verifier): candidates need a cosine gate to be verified at all (a loose
+#: gate: the verifier, not the cosine, decides), and the verifier's decision score must reach a
+#: threshold when the namespace sets no wrong-hit bound. Both default to None: derived from the
+#: verifier's card (stratacache.operating_point: its held-back precision beats the cosine
+#: default's). Only the best DEFAULT_VERIFY_CANDIDATES candidates of a tier are verified: on 2
+#: CPU cores one pair costs 10 ms, two 15 ms (an embedding: 10 ms), and a verified hit must stay
+#: within 2x of a plain one.
 DEFAULT_VERIFY_CANDIDATES = 1
 DEFAULT_VERIFY_MAX_BATCH = 16
 #: On the CPU the verifier runs with dynamic int8 linear layers: a pair in 7 ms instead of 13.
@@ -118,8 +118,8 @@ class Settings:
     max_concurrent_rpcs: int = DEFAULT_MAX_CONCURRENT_RPCS
     api_key: str | None = None
     verifier: str | None = None
-    verify_gate: float = DEFAULT_VERIFY_GATE
-    verify_threshold: float = DEFAULT_VERIFY_THRESHOLD
+    verify_gate: float | None = None
+    verify_threshold: float | None = None
     verify_candidates: int = DEFAULT_VERIFY_CANDIDATES
     verify_max_batch: int = DEFAULT_VERIFY_MAX_BATCH
     verify_quantize: str = DEFAULT_VERIFY_QUANTIZE
@@ -138,7 +138,7 @@ class Settings:
         if not 0.0 <= self.min_similarity <= 1.0:
             problems.append(f"min_similarity must be in [0, 1], got {self.min_similarity}")
         for name in ("verify_gate", "verify_threshold"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.verify_quantize not in ("none", "int8"):
             problems.append(f"verify_quantize must be none or int8, got {self.verify_quantize!r}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _core, datadir, validation
+from . import _core, datadir, operating_point, validation
 from .batching import Batcher, model_executor
 from .config import Settings
 from .datadir import DataDir
@@ -77,10 +77,7 @@ class Engine:
                             keys=self.keys, quarantine=self.quarantine)
             opened.callback(cold.close)
             self.policies = PolicyBook(
-                self._dir.path / EVIDENCE_FILE,
-                Defaults(min_similarity=settings.min_similarity, verify_gate=settings.verify_gate,
-                         verify_threshold=settings.verify_threshold,
-                         max_wrong_rate=settings.max_wrong_rate, has_verifier=verifier is not None),
+                self._dir.path / EVIDENCE_FILE, _defaults(settings, verifier),
                 embedder_id=encoder.identity.fingerprint,
                 verifier_id=None if verifier is None else verifier.identity.scorer)
         except BaseException:
@@ -313,3 +310,21 @@ class Engine:
         self.keys.close()
         self._dir.close()
 
+
+def _defaults(settings: Settings, verifier: Verifier | None) -> Defaults:
+    """The policy defaults: the flags, and the verifier's gate and threshold where the flags
+    leave them to its card (logged once at start)."""
+    if verifier is None:
+        return Defaults(min_similarity=settings.min_similarity,
+                        verify_gate=operating_point.BUILT_IN_GATE,
+                        verify_threshold=operating_point.BUILT_IN_THRESHOLD,
+                        max_wrong_rate=settings.max_wrong_rate, has_verifier=False)
+    point = operating_point.choose(verifier.held_back(), min_similarity=settings.min_similarity,
+                                   gate=settings.verify_gate, threshold=settings.verify_threshold)
+    log.info("verifier defaults for namespaces without a bound: gate %.2f, decision score >= "
+             "%.4f (%s); %s", point.gate, point.threshold, verifier.decision_score,
+             point.explanation)
+    return Defaults(min_similarity=settings.min_similarity, verify_gate=point.gate,
+                    verify_threshold=point.threshold, max_wrong_rate=settings.max_wrong_rate,
+                    has_verifier=True, verify_source=point.source,
+                    verify_explanation=point.explanation)

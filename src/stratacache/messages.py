@@ -58,7 +58,9 @@ class LookupRequest:
 class LookupResult:
     """``similarity`` is cosine similarity (1.0 for an exact hit); ``age_s`` seconds since the
     entry was stored; ``best_similarity`` on a miss is the closest candidate's, 0 if none;
-    ``server_time_us`` the engine's time on the call."""
+    ``verifier_score`` the best decision score the verifier gave (the hit's, or on a miss the
+    best rejected candidate's; None when it did not run); ``server_time_us`` the engine's time
+    on the call."""
 
     hit: bool
     response: bytes = b""

@@ -169,7 +169,7 @@ class Pipeline:
         if vector is None:  # too long for the model: exact matches only
             return self._miss(0.0, MissReason.TOO_LONG, started)
 
-        best, reason = 0.0, MissReason.NO_CANDIDATE
+        best, reason, best_score = 0.0, MissReason.NO_CANDIDATE, None
         for _ in range(1 + SEARCH_RETRIES):
             epoch = self._placement.epoch
             async for tier, candidates in self._search(k.partition, vector, now):
@@ -183,12 +183,14 @@ class Pipeline:
                     self._placement.served(found.entry, tier)
                     return self._hit(found, tier, now, started)
                 reason = max(reason, found)
+                if scores:
+                    best_score = max(scores) if best_score is None else max(best_score, *scores)
             if self._placement.epoch == epoch:  # nothing moved while we searched
                 break
 
         if reason <= MissReason.BELOW_SIMILARITY and await self._stored_elsewhere(k, now):
             reason = MissReason.OTHER_SCOPE
-        return self._miss(best, reason, started)
+        return self._miss(best, reason, started, best_score)
 
     def _keys(self, request: LookupRequest | StoreRequest) -> Keys:
         prompt = keys.normalise_prompt(request.prompt)
@@ -290,12 +292,13 @@ class Pipeline:
                             verifier_score=hit.verifier_score, metadata=dict(e.metadata),
                             server_time_us=int(elapsed * 1e6))
 
-    def _miss(self, best_similarity: float, reason: MissReason, started: float) -> LookupResult:
+    def _miss(self, best_similarity: float, reason: MissReason, started: float,
+              verifier_score: float | None = None) -> LookupResult:
         self._metrics.misses += 1
         elapsed = time.perf_counter() - started
         self._metrics.record("lookup", elapsed)
         return LookupResult(hit=False, best_similarity=best_similarity, miss_reason=reason,
-                            server_time_us=int(elapsed * 1e6))
+                            verifier_score=verifier_score, server_time_us=int(elapsed * 1e6))
 
     # --- Store --------------------------------------------------------------------------------
 

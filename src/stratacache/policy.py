@@ -96,13 +96,17 @@ class Policy:
 
 @dataclass(frozen=True, slots=True)
 class Defaults:
-    """Server-wide defaults (from flags, checked by ``Settings``)."""
+    """Server-wide defaults (from flags, checked by ``Settings``; the verifier's gate and
+    threshold from :func:`stratacache.operating_point.choose`, whose ``source`` and
+    ``explanation`` GetPolicy reports)."""
 
     min_similarity: float
     verify_gate: float
     verify_threshold: float
     max_wrong_rate: float | None
     has_verifier: bool
+    verify_source: str = "verify_threshold"
+    verify_explanation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +183,7 @@ class PolicyStatus:
     feedback_wrong: int
     vetoed_entries: int
     message: str
+    threshold_source: str
 
 
 class PolicyBook:
@@ -578,25 +583,36 @@ class PolicyBook:
         """The namespace's status now; never calibrates (see :meth:`rule`)."""
         rule, ev = self.rule(namespace), self._evidence.get(namespace, _Evidence())
         failure = self._failures.get(namespace)
+        policy, d = self.policy(namespace), self.defaults
         if rule.calibration is not None:
-            message = rule.calibration.message
+            message, source = rule.calibration.message, "calibrated"
         elif rule.bound is not None and failure is not None:
             message = (f"calibration failed ({failure}); serving exact hits only until the "
                        "namespace's policy or evidence changes (the server log has the details)")
+            source = "none"
         elif rule.bound is not None:
             message = "serving exact hits only: no rule is calibrated for this bound yet"
+            source = "none"
         elif rule.verify:
-            message = (f"verifier on: candidates with cosine >= {rule.gate:.3f} are served when "
-                       f"the verifier scores >= {rule.threshold:.3f} (no wrong-hit bound set)")
+            gate_from = ("this namespace's min_similarity" if policy.min_similarity is not None
+                         else "the server default")
+            message = (f"verifier on: candidates with cosine >= {rule.gate:.3f} ({gate_from}) "
+                       f"are served when their decision score is >= {rule.threshold:.4f} (no "
+                       f"wrong-hit bound set); {d.verify_explanation}")
+            source = d.verify_source
         else:
-            message = (f"served when cosine >= {rule.gate:.3f} (no wrong-hit bound set, no "
-                       "verifier)")
+            if policy.min_similarity is not None:
+                source, origin = "policy", "this namespace's min_similarity"
+            else:
+                source, origin = "min_similarity", "the server's --min-similarity"
+            message = (f"served when cosine >= {rule.gate:.3f} ({origin}; no wrong-hit bound "
+                       "set, no verifier)")
         if namespace in self._calibrating and rule.bound is not None:
             message = (f"calibrating a wrong-hit bound of {rule.bound:g} on {len(ev.correct)} "
                        f"labelled observations; until it finishes, {message}")
-        return PolicyStatus(namespace, self.policy(namespace), rule, len(ev.correct),
+        return PolicyStatus(namespace, policy, rule, len(ev.correct),
                             ev.correct_count, ev.feedback_correct, ev.feedback_wrong,
-                            len(self._vetoed_by_namespace.get(namespace, ())), message)
+                            len(self._vetoed_by_namespace.get(namespace, ())), message, source)
 
     def namespaces(self) -> list[str]:
         return sorted(set(self._policies) | set(self._evidence))

@@ -258,7 +258,8 @@ def policy_to_proto(status: PolicyStatus) -> pb.PolicyStatus:
         promised_bound=None if cal is None else cal.promised_bound,
         hit_rate=0.0 if cal is None else cal.hit_rate, needed=0 if cal is None else cal.needed,
         feedback_correct=status.feedback_correct, feedback_wrong=status.feedback_wrong,
-        vetoed_entries=status.vetoed_entries, message=status.message)
+        vetoed_entries=status.vetoed_entries, message=status.message,
+        threshold_source=status.threshold_source)
 
 
 def stats_to_proto(stats: Stats) -> pb.StatsResponse:

@@ -32,17 +32,24 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from . import operating_point
+from .config import DEFAULT_MIN_SIMILARITY
 from .curves import curve_metrics
 from .errors import InvalidArgument
-from .pairs import write_pairs
-from .tuning.card import (build_card, cosine_scores, embedder_metrics, is_finished, metrics_line,
-                          verifier_metrics, verifier_scores, write_card)
+from .pairs import LabelledPair, write_pairs
+from .tuning.card import (add_int8_scores, build_card, cosine_scores, embedder_metrics,
+                          is_finished, metrics_line, verifier_metrics, verifier_scores,
+                          write_card)
 from .tuning.data import HELDOUT_PART, TRAIN_PART, Data, load_data
 from .tuning.training import (Trained, check_recipe, latest_checkpoint,
                               require_training_libraries, train_embedder, train_verifier)
+from .verify import Fusion, HeldBack, Verifier
 
 log = logging.getLogger("stratacache.tune")
 
@@ -65,7 +72,7 @@ EPILOG = (
 DEFAULTS: dict[str, Any] = {
     "base": "default",
     "epochs": 1.0,
-    "batch_size": 32,
+    "batch_size": 0,
     "max_steps": 0,
     "learning_rate": 5e-5,
     "max_length": 128,
@@ -138,7 +145,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--max-steps", type=int, default=d["max_steps"],
                        help="optimizer steps in all, overriding --epochs; 0 = full epochs")
     model.add_argument("--batch-size", type=int, default=d["batch_size"],
-                       help="pairs per optimizer step")
+                       help="pairs per optimizer step; 0 = 32 on the CPU, 128 on a GPU")
+    model.add_argument("--epoch-metrics", action=argparse.BooleanOptionalAction, default=None,
+                       help="score the verifier on the held-back part after every full epoch "
+                            "and write the curve per epoch into its card (a scoring pass over "
+                            "the held-back part each: about 90 s on 2 CPU cores for 6,000 "
+                            "pairs); default: on a GPU only")
     model.add_argument("--learning-rate", type=float, default=d["learning_rate"],
                        help="peak learning rate (linear warm-up over 10 %% of the steps, then "
                             "linear decay)")
@@ -156,18 +168,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", help="debug, info, warning or error")
 
 
+def _measure_verifier(model: Any, held: list[LabelledPair], base_cosine: dict[str, Any],
+                      device: str) -> dict[str, Any]:
+    """The verifier card's metrics of ``model`` on the held-back pairs."""
+    forward, backward = verifier_scores(model, held, batch_size=_score_batch(device))
+    return verifier_metrics(forward, backward, base_cosine, held)
+
+
+def _score_batch(device: str) -> int:
+    return 512 if device.startswith("cuda") else 64
+
+
+def _epoch_metrics(held: list[LabelledPair], base_cosine: dict[str, Any], device: str,
+                   per_epoch: list[dict[str, Any]]) -> Callable[[Any, float, int], None]:
+    """The ``on_epoch`` hook of ``train_verifier``: measures the model on the held-back part
+    and appends the result to ``per_epoch``."""
+    def measure(model: Any, epoch: float, step: int) -> None:
+        log.info("verifier: epoch %g done (step %d); scoring the %d held-back pairs", epoch,
+                 step, len(held))
+        per_epoch.append(_epoch_row(_measure_verifier(model, held, base_cosine, device), epoch,
+                                    step))
+        log.info(metrics_line(f"epoch {epoch:g}, decision score", per_epoch[-1]["decision"]))
+
+    return measure
+
+
+def _epoch_row(metrics: dict[str, Any], epoch: float, step: int) -> dict[str, Any]:
+    return {"epoch": round(epoch, 3), "step": step, "decision": metrics["decision"],
+            "verifier": metrics["verifier"]}
+
+
 def _write_verifier(args: argparse.Namespace, data: Data, trained: Trained, base_path: Path,
-                    base_name: str, device: str, base_cosine: dict[str, Any]) -> None:
-    """Scores the trained verifier on the held-back part; writes it and its card."""
+                    base_name: str, device: str, base_cosine: dict[str, Any],
+                    per_epoch: list[dict[str, Any]] | None) -> None:
+    """Scores the trained verifier on the held-back part; writes it and its card (with the
+    per-epoch rows measured during training, and the finished model's as the last)."""
     out = args.out / "verifier"
     held = data.parts[HELDOUT_PART]
     log.info("verifier: trained %d steps in %.1f min; scoring the %d held-back pairs",
              trained.steps, trained.seconds / 60, len(held))
-    forward, backward = verifier_scores(trained.model, held)
-    metrics = verifier_metrics(forward, backward, base_cosine, held)
+    metrics = _measure_verifier(trained.model, held, base_cosine, device)
+    if per_epoch is not None:
+        metrics["per_epoch"] = per_epoch + [_epoch_row(metrics, trained.epoch, trained.steps)]
     both = metrics["score_both_orders"]
     out.mkdir(parents=True, exist_ok=True)
     trained.model.save_pretrained(str(out))
+    int8 = _int8_scores(out, held, both)
+    if int8 is not None:
+        add_int8_scores(metrics, int8, [p.duplicate for p in held])
+    points = _default_operating_points(metrics)
+    metrics["default_operating_point"] = points
     write_card(out, build_card(
         "verifier", args, data, base_path, base_name, device, trained, metrics,
         symmetric=bool(args.symmetric), score_both_orders=both, max_length=args.max_length,
@@ -178,7 +228,53 @@ def _write_verifier(args: argparse.Namespace, data: Data, trained: Trained, base
     fused = metrics.get("fusion_with_base_cosine", {}).get("metrics")
     if fused:
         log.info(metrics_line("logistic fusion of cosine and verifier (out of fold)", fused))
+    kind = metrics["decision"]["score"].split(":")[0]
+    log.info(metrics_line(f"decision score ({kind}, what a server with the base model "
+                          "thresholds)", metrics["decision"]))
+    if "decision_int8" in metrics:
+        log.info(metrics_line(f"decision score ({kind}, int8 verifier)",
+                              metrics["decision_int8"]))
+    for column, point in points.items():
+        if column != "min_similarity":
+            log.info("a server at --min-similarity %g with the %s scores serves with: %s",
+                     DEFAULT_MIN_SIMILARITY, column, point["explanation"])
     log.info("verifier written to %s", out)
+
+
+def _int8_scores(folder: Path, held: list[LabelledPair], both: bool) -> np.ndarray | None:
+    """The held-back scores of the verifier in ``folder`` with dynamic int8 weights on the CPU,
+    as a server with --verify-quantize int8 scores them; None where this torch cannot."""
+    verifier = Verifier(folder, device="cpu", quantize="int8")
+    if not verifier.quantized:
+        return None
+    log.info("verifier: scoring the %d held-back pairs in int8 on the CPU (the server's CPU "
+             "default)", len(held))
+    forward = verifier.own_scores([(p.a, p.b) for p in held], progress=len(held) > 2000)
+    if not both:
+        return forward
+    return (forward + verifier.own_scores([(p.b, p.a) for p in held],
+                                          progress=len(held) > 2000)) / 2
+
+
+def _default_operating_points(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The gate and threshold a server with the base model and the default --min-similarity
+    derives from these metrics (``stratacache.operating_point``), per held-back score column
+    (full precision, int8), for the card and the log."""
+    held = metrics["held_back"]
+    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
+    cosine = np.asarray(held["base_cosine"])
+    duplicate = np.asarray(held["duplicate"], dtype=bool)
+    points: dict[str, Any] = {"min_similarity": DEFAULT_MIN_SIMILARITY}
+    for column in ("verifier", "verifier_int8"):
+        if column not in held:
+            continue
+        verifier = np.asarray(held[column])
+        score = Fusion(**weights)(cosine, verifier) if weights else verifier
+        point = operating_point.choose(HeldBack(held["part"], duplicate, cosine, score, column),
+                                       min_similarity=DEFAULT_MIN_SIMILARITY)
+        points[column] = {"gate": point.gate, "threshold": point.threshold,
+                          "source": point.source, "explanation": point.explanation}
+    return points
 
 
 def _write_embedder(args: argparse.Namespace, data: Data, trained: Trained, base_path: Path,
@@ -230,10 +326,10 @@ def _prepare_out(args: argparse.Namespace) -> list[str]:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "save_steps", "max_length"):
+    for name in ("save_steps", "max_length"):
         if getattr(args, name) < 1:
             raise InvalidArgument(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("limit", "max_steps", "stop_after_steps", "threads"):
+    for name in ("limit", "batch_size", "max_steps", "stop_after_steps", "threads"):
         if getattr(args, name) < 0:
             raise InvalidArgument(f"--{name.replace('_', '-')} must not be negative")
     if args.epochs <= 0 and args.max_steps <= 0:
@@ -284,7 +380,7 @@ def tune(args: argparse.Namespace) -> int:
     log.info("base model %s (%s) on %s; scoring its cosine on the %d held-back pairs",
              base_name, base_path, device, len(held))
     base_model = SentenceTransformer(str(base_path), device=device, local_files_only=True)
-    base_scores = cosine_scores(base_model, held)
+    base_scores = cosine_scores(base_model, held, batch_size=_score_batch(device))
     base_cosine = curve_metrics(base_scores, [p.duplicate for p in held])
     base_cosine["scores"] = base_scores  # for the fusion; not written to the card
     log.info(metrics_line("base cosine on the held-back part", base_cosine))
@@ -294,7 +390,12 @@ def tune(args: argparse.Namespace) -> int:
     for kind in todo:
         ckpt_dir = args.out / "checkpoints" / kind
         if kind == "verifier":
-            trained = train_verifier(args, data.train, base_path, device, ckpt_dir)
+            epoch_metrics = (args.epoch_metrics if args.epoch_metrics is not None
+                             else device.startswith("cuda"))
+            per_epoch: list[dict[str, Any]] | None = [] if epoch_metrics else None
+            hook = (None if per_epoch is None
+                    else _epoch_metrics(held, base_cosine, device, per_epoch))
+            trained = train_verifier(args, data.train, base_path, device, ckpt_dir, hook)
         else:  # trained in place: the base cosine was measured before
             trained = train_embedder(args, data.train, base_model, device, ckpt_dir)
         if trained.stopped:
@@ -302,8 +403,11 @@ def tune(args: argparse.Namespace) -> int:
             log.warning("%s: %s at step %d; checkpoint in %s; continue with --resume", kind,
                         reason, trained.steps, latest_checkpoint(ckpt_dir))
             return code
-        write = _write_verifier if kind == "verifier" else _write_embedder
-        write(args, data, trained, base_path, base_name, device, base_cosine)
+        if kind == "verifier":
+            _write_verifier(args, data, trained, base_path, base_name, device, base_cosine,
+                            per_epoch)
+        else:
+            _write_embedder(args, data, trained, base_path, base_name, device, base_cosine)
         if not args.keep_checkpoints and ckpt_dir.is_dir():
             shutil.rmtree(ckpt_dir)
     ckpt_root = args.out / "checkpoints"

@@ -16,6 +16,14 @@ downloaded. What the card says is honoured:
   the verifier's logit, fitted by tune on the held-back part; used only when the server's
   embedder is the card's base model (same weights fingerprint), since the weights are for that
   model's cosines.
+- ``metrics.held_back``: per held-back pair, its label, the base cosine and the verifier's
+  score; :meth:`Verifier.held_back` turns them into this server's decision scores, from which
+  :mod:`stratacache.operating_point` derives the default gate and threshold.
+
+The decision score (what a namespace's threshold is compared with, what calibration fits,
+what ``LookupResult.verifier_score`` reports and what the card's ``metrics.decision`` measures)
+is a probability in [0, 1]: the fused probability when the fusion applies, else the verifier's
+own. Pairs are read in the card's order, (stored prompt, lookup prompt).
 """
 
 from __future__ import annotations
@@ -51,8 +59,41 @@ class VerifierIdentity:
 
     @property
     def scorer(self) -> str:
-        return ":".join((self.fingerprint, "both" if self.symmetric else "one",
+        # "sq": (stored, lookup) order; evidence scored as (lookup, stored) is re-scored
+        return ":".join((self.fingerprint, "both" if self.symmetric else "one:sq",
                          "fused" if self.fused else "raw", "int8" if self.int8 else "fp"))
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The card's logistic fusion: ``sigmoid(intercept + cosine * cos + verifier_logit *
+    logit(verifier score))``, a probability (the card's fusion thresholds are logits: the
+    argument of the sigmoid)."""
+
+    intercept: float
+    cosine: float
+    verifier_logit: float
+
+    def __call__(self, cosine: np.ndarray, probability: np.ndarray) -> np.ndarray:
+        """The fused probability per pair (float64), from the cosine and the verifier's own
+        score in [0, 1] (clipped to [1e-6, 1 - 1e-6] before its logit)."""
+        p = np.clip(np.asarray(probability, dtype=np.float64), 1e-6, 1 - 1e-6)
+        z = (self.intercept + self.cosine * np.asarray(cosine, dtype=np.float64)
+             + self.verifier_logit * np.log(p / (1 - p)))
+        return 1 / (1 + np.exp(-z))
+
+
+@dataclass(frozen=True)
+class HeldBack:
+    """The verifier's held-back pairs as its card recorded them, scored in this server's
+    decision score: ``duplicate`` (bool), ``cosine`` (the card's base model's), ``score``
+    (probability); ``scores_from``: which of the card's score columns was used."""
+
+    part: str
+    duplicate: np.ndarray
+    cosine: np.ndarray
+    score: np.ndarray
+    scores_from: str
 
 
 class Verifier:
@@ -92,10 +133,10 @@ class Verifier:
         self.quantized = quantize == "int8" and self.device == "cpu" and self._quantize()
         fusion = ((card.get("metrics") or {}).get("fusion_with_base_cosine") or {}).get("weights")
         base = (card.get("base") or {}).get("fingerprint")
-        self._fusion: tuple[float, float, float] | None = None
+        self._fusion: Fusion | None = None
         if fusion and embedder is not None and base == embedder.fingerprint:
-            self._fusion = (float(fusion["intercept"]), float(fusion["cosine"]),
-                            float(fusion["verifier_logit"]))
+            self._fusion = Fusion(float(fusion["intercept"]), float(fusion["cosine"]),
+                                  float(fusion["verifier_logit"]))
         elif fusion:
             log.info("verifier %s: its cosine fusion is for another embedder (%s); scoring "
                      "with the verifier alone", path, (card.get("base") or {}).get("name"))
@@ -125,22 +166,71 @@ class Verifier:
             return False
         return True
 
+    @property
+    def decision_score(self) -> str:
+        """What :meth:`score` returns, in words."""
+        if self._fusion is not None:
+            return "the verifier's score fused with the cosine (the card's fusion)"
+        return "the verifier's score"
+
     def score(self, items: Sequence[tuple[str, str, float]]) -> np.ndarray:
-        """Score in [0, 1] that serving the stored prompt's answer for the lookup prompt is
-        right, for each ``(lookup_prompt, stored_prompt, cosine)``; float32."""
+        """The decision score in [0, 1] (see the module doc) that serving the stored prompt's
+        answer for the lookup prompt is right, for each ``(lookup_prompt, stored_prompt,
+        cosine)``; float32."""
         if not items:
             return np.zeros(0, dtype=np.float32)
-        scores = self._cross_encode([(q, m) for q, m, _ in items])
+        scores = self._cross_encode([(m, q) for q, m, _ in items])
+        return self._decide(np.asarray([c for _, _, c in items]), scores)
+
+    def _decide(self, cosine: np.ndarray, probability: np.ndarray) -> np.ndarray:
+        """The decision score from the cosine and the verifier's own score."""
         if self._fusion is None:
-            return scores
-        intercept, w_cosine, w_logit = self._fusion
-        p = np.clip(scores.astype(np.float64), 1e-6, 1 - 1e-6)
-        z = intercept + w_cosine * np.asarray([c for _, _, c in items]) + w_logit * np.log(p / (1 - p))
-        return (1 / (1 + np.exp(-z))).astype(np.float32)
+            return np.asarray(probability, dtype=np.float32)
+        return self._fusion(cosine, probability).astype(np.float32)
+
+    def held_back(self) -> HeldBack | None:
+        """The card's held-back pairs in this server's decision score (the int8 column when
+        this verifier runs in int8 and the card has one); None when the card has none or they
+        are malformed (logged)."""
+        block = (self.card.get("metrics") or {}).get("held_back")
+        if not block:
+            return None
+        column = "verifier_int8" if self.quantized and "verifier_int8" in block else "verifier"
+        if self.quantized and column == "verifier":
+            log.warning("verifier %s runs in int8 but its card has no int8 held-back scores; "
+                        "its default threshold comes from full-precision ones, which run "
+                        "higher (fewer hits than intended): re-run `stratacache tune`, or serve "
+                        "with --verify-quantize none", self.identity.name)
+        try:
+            duplicate = np.asarray(block["duplicate"], dtype=bool)
+            cosine = np.asarray(block["base_cosine"], dtype=np.float64)
+            probability = np.asarray(block[column], dtype=np.float64)
+            if not (len(duplicate) == len(cosine) == len(probability)) or not (
+                    np.all(np.isfinite(cosine)) and np.all((probability >= 0) & (probability <= 1))):
+                raise ValueError("columns of unequal length, or scores out of range")
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("verifier %s: its card's held-back scores are unusable (%s); default "
+                        "threshold and gate fall back to the built-in ones", self.identity.name,
+                        exc)
+            return None
+        return HeldBack(str(block.get("part", "held-back")), duplicate, cosine,
+                        self._decide(cosine, probability).astype(np.float64), column)
+
+    def own_scores(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64,
+                   progress: bool = False) -> np.ndarray:
+        """The verifier's own score in [0, 1] (before any fusion) of each ``(stored, lookup)``
+        pair, ``batch_size`` pairs a pass; for ``stratacache tune``'s card, which records what
+        the int8 verifier scores on the held-back part."""
+        from tqdm import tqdm
+
+        chunks = range(0, len(pairs), batch_size)
+        return np.concatenate([self._cross_encode(pairs[i:i + batch_size])
+                               for i in tqdm(chunks, disable=not progress, unit="batch")]
+                              or [np.zeros(0, dtype=np.float32)])
 
     def _cross_encode(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
-        """The cross-encoder's own score per pair (the mean of both orders when the card says
-        so). One forward pass under inference mode: CrossEncoder.predict's batching machinery
+        """The cross-encoder's own score per ``(stored, lookup)`` pair (the mean of both orders
+        when the card says so). One forward pass under inference mode: CrossEncoder.predict's batching machinery
         costs 2.5 ms a call, a fifth of a one-pair pass on the CPU."""
         import torch
 

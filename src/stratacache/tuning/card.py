@@ -27,7 +27,7 @@ from ..curves import curve_metrics
 from ..embed import weights_fingerprint
 from ..pairs import SPLIT_SALT, STANDARD_PARTS, LabelledPair, components, distinct_texts
 from .data import HELDOUT_PART, TRAIN_PART, Data
-from .training import Trained
+from .training import Trained, batch_size
 
 log = logging.getLogger("stratacache.tune")
 
@@ -81,8 +81,11 @@ def verifier_metrics(forward: np.ndarray, backward: np.ndarray, base_cosine: dic
 
     Returns:
         The metrics of one order, of the mean of both and of the base cosine, the choice of
-        scoring (``score_both_orders``) and the logistic fusion of the cosine and the chosen
-        score (:func:`fusion`; absent when the held-back part is degenerate).
+        scoring (``score_both_orders``), the logistic fusion of the cosine and the chosen
+        score (:func:`fusion`; absent when the held-back part is degenerate), ``decision``:
+        the metrics of the score a server with the base model thresholds (:func:`decision`),
+        and ``held_back``: each pair's label, base cosine and chosen score, from which the
+        server derives its default threshold (:mod:`stratacache.operating_point`).
     """
     labels = [p.duplicate for p in held]
     one_order = curve_metrics(forward, labels)
@@ -99,12 +102,54 @@ def verifier_metrics(forward: np.ndarray, backward: np.ndarray, base_cosine: dic
         "verifier_mean_of_orders": both_orders,
         "base_cosine": _public(base_cosine),
     }
+    used = (forward + backward) / 2 if both else forward
     try:
-        used = (forward + backward) / 2 if both else forward
         metrics["fusion_with_base_cosine"] = fusion(base_cosine["scores"], used, held)
     except ValueError as exc:  # degenerate scores
         log.warning("no fusion metrics: %s", exc)
+    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
+    held_back = held_back_scores(base_cosine["scores"], used, labels)
+    # from the rounded columns the card holds, so its numbers reproduce from it exactly
+    metrics["decision"] = decision(np.asarray(held_back["base_cosine"]),
+                                   np.asarray(held_back["verifier"]), labels, weights)
+    metrics["held_back"] = held_back
     return metrics
+
+
+def add_int8_scores(metrics: dict[str, Any], int8: np.ndarray, labels: Sequence[bool]) -> None:
+    """Adds to :func:`verifier_metrics`' result what the verifier scores in dynamic int8 (the
+    server's CPU default): ``held_back.verifier_int8`` and ``decision_int8``. int8 scores run
+    lower than full precision's on many pairs, so a server in int8 derives its threshold from
+    this column, not from the full-precision one."""
+    metrics["held_back"]["verifier_int8"] = [round(float(v), 6) for v in int8]
+    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
+    metrics["decision_int8"] = decision(np.asarray(metrics["held_back"]["base_cosine"]),
+                                        np.asarray(metrics["held_back"]["verifier_int8"]),
+                                        labels, weights)
+
+
+def decision(cosine: np.ndarray, verifier: np.ndarray, labels: Sequence[bool],
+             weights: dict[str, float] | None) -> dict[str, Any]:
+    """The curve metrics of the decision score a server with the base model thresholds: the
+    fused probability with ``weights`` (the fusion fitted on all held-back pairs), else the
+    verifier's score; thresholds are probabilities, the unit the server compares."""
+    from ..verify import Fusion
+
+    if weights:
+        scores = Fusion(**weights)(cosine, verifier)
+        score = "fused: sigmoid(intercept + cosine * cos + verifier_logit * logit(verifier))"
+    else:
+        scores, score = verifier, "verifier"
+    return {"score": score, "unit": "probability", **curve_metrics(scores, labels)}
+
+
+def held_back_scores(cosine: np.ndarray, verifier: np.ndarray,
+                     labels: Sequence[bool]) -> dict[str, Any]:
+    """Per held-back pair (in the part's order): the label, the base cosine and the verifier's
+    score, rounded to 6 decimals (about 25 bytes a pair)."""
+    return {"part": HELDOUT_PART, "duplicate": [int(bool(y)) for y in labels],
+            "base_cosine": [round(float(v), 6) for v in cosine],
+            "verifier": [round(float(v), 6) for v in verifier]}
 
 
 def embedder_metrics(cosine: np.ndarray, base_cosine: dict[str, Any],
@@ -202,7 +247,7 @@ def build_card(kind: str, args: argparse.Namespace, data: Data, base_path: Path,
         "steps": trained.steps,
         "epochs": args.epochs if args.max_steps <= 0 else None,
         "max_steps": args.max_steps or None,
-        "batch_size": args.batch_size,
+        "batch_size": batch_size(args, device),
         "learning_rate": args.learning_rate,
         "seed": args.seed,
         "seconds": round(trained.seconds, 1),

@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,12 +220,16 @@ class Trained:
     resumed_from: str | None  # the checkpoint's folder name
     stopped: tuple[str, int] | None  # (why it stopped early, exit status); None when finished
     seconds: float  # this run's training time
+    epoch: float = 0.0  # passes over the training pairs done in all (fractional)
 
 
 def train_verifier(args: argparse.Namespace, pairs: Sequence[LabelledPair], base_path: Path,
-                   device: str, ckpt_dir: Path) -> Trained:
+                   device: str, ckpt_dir: Path,
+                   on_epoch: Callable[[Any, float, int], None] | None = None) -> Trained:
     """Trains a one-output cross-encoder from the model in ``base_path`` on ``pairs`` (both
-    orders with ``--symmetric``) with a binary cross-entropy loss."""
+    orders with ``--symmetric``) with a binary cross-entropy loss; ``on_epoch(model, epoch,
+    step)`` is called at the end of every full epoch but the last (the caller measures the
+    finished model anyway)."""
     from datasets import Dataset
     from sentence_transformers import CrossEncoder
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
@@ -240,7 +244,7 @@ def train_verifier(args: argparse.Namespace, pairs: Sequence[LabelledPair], base
         a, b, y = a + b, b + a, y + y
     dataset = Dataset.from_dict({"sentence1": a, "sentence2": b, "label": y})
     return _train("verifier", model, BinaryCrossEntropyLoss(model), dataset, args, device,
-                  ckpt_dir)
+                  ckpt_dir, on_epoch)
 
 
 def train_embedder(args: argparse.Namespace, pairs: Sequence[LabelledPair], model: Any,
@@ -275,7 +279,9 @@ def _training_args(kind: str, args: argparse.Namespace, device: str, output_dir:
     else:
         from sentence_transformers import SentenceTransformerTrainingArguments as Args
     on_cuda = device.startswith("cuda")
+    # mixed precision on the GPU: bf16 where the device has it (Ampere and later), else fp16
     bf16 = on_cuda and torch.cuda.is_bf16_supported()
+    fp16 = on_cuda and not bf16
     extra: dict[str, Any] = {}
     if kind == "embedder" and args.embedder_loss == "mnrl":
         from sentence_transformers.base.sampler import BatchSamplers
@@ -283,12 +289,12 @@ def _training_args(kind: str, args: argparse.Namespace, device: str, output_dir:
         extra["batch_sampler"] = BatchSamplers.NO_DUPLICATES
     else:
         extra["batch_sampler"] = length_grouped_batch_sampler
-    steps_per_epoch = math.ceil(n_train / args.batch_size)
+    steps_per_epoch = math.ceil(n_train / batch_size(args, device))
     return Args(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps > 0 else -1,
-        per_device_train_batch_size=args.batch_size,
+        per_device_train_batch_size=batch_size(args, device),
         learning_rate=args.learning_rate,
         warmup_steps=0.1,
         weight_decay=0.01,
@@ -303,14 +309,41 @@ def _training_args(kind: str, args: argparse.Namespace, device: str, output_dir:
         data_seed=args.seed,
         use_cpu=not on_cuda,
         bf16=bf16,
+        fp16=fp16,
+        tf32=bf16 or None,  # TF32 matmuls where bf16 exists (same generation of devices)
         dataloader_num_workers=0,
         disable_tqdm=False,
         **extra,
     )
 
 
+def batch_size(args: argparse.Namespace, device: str) -> int:
+    """Pairs per optimizer step: ``--batch-size``, or with 0 (auto) 32 on the CPU and 128 on a
+    GPU (a MiniLM-sized cross-encoder at 128 tokens uses a few GB there)."""
+    if args.batch_size:
+        return int(args.batch_size)
+    return AUTO_BATCH_GPU if device.startswith("cuda") else AUTO_BATCH_CPU
+
+
+AUTO_BATCH_CPU = 32
+AUTO_BATCH_GPU = 128
+
+
+def _epoch_callback(on_epoch: Callable[[Any, float, int], None], model: Any) -> Any:
+    from transformers import TrainerCallback
+
+    class EpochCallback(TrainerCallback):  # type: ignore[misc]
+        def on_epoch_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.global_step < state.max_steps:  # the last epoch is measured by the caller
+                on_epoch(model, float(state.epoch or 0), int(state.global_step))
+            return control
+
+    return EpochCallback()
+
+
 def _train(kind: str, model: Any, loss: Any, dataset: Any, args: argparse.Namespace,
-           device: str, ckpt_dir: Path) -> Trained:
+           device: str, ckpt_dir: Path,
+           on_epoch: Callable[[Any, float, int], None] | None = None) -> Trained:
     """Runs the trainer, from the latest checkpoint in ``ckpt_dir`` with ``--resume``."""
     if kind == "verifier":
         from sentence_transformers.cross_encoder import CrossEncoderTrainer as Trainer
@@ -322,17 +355,22 @@ def _train(kind: str, model: Any, loss: Any, dataset: Any, args: argparse.Namesp
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     training_args = _training_args(kind, args, device, ckpt_dir, len(dataset))
     stopper = _Stopper(args.stop_after_steps)
+    callbacks = [stopper.callback()] + ([_epoch_callback(on_epoch, model)] if on_epoch else [])
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
-                      callbacks=[stopper.callback()])
-    steps_per_epoch = math.ceil(len(dataset) / args.batch_size)
+                      callbacks=callbacks)
+    batch = batch_size(args, device)
+    steps_per_epoch = math.ceil(len(dataset) / batch)
     total = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
-    log.info("%s: training on %d pairs, %d steps of %d (%.2f epochs), learning rate %g, on %s%s; "
-             "checkpoints every %d steps in %s", kind, len(dataset), total, args.batch_size,
-             total / max(1, steps_per_epoch), args.learning_rate, device,
+    precision = ("bf16" if training_args.bf16 else "fp16" if training_args.fp16
+                 else "fp32")
+    log.info("%s: training on %d pairs, %d steps of %d (%.2f epochs), learning rate %g, on %s "
+             "(%s)%s; checkpoints every %d steps in %s", kind, len(dataset), total, batch,
+             total / max(1, steps_per_epoch), args.learning_rate, device, precision,
              f", resuming from {resume.name}" if resume else "", args.save_steps, ckpt_dir)
     started = time.perf_counter()
     with stopper:
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stopped = None if stopper.reason is None else (stopper.reason, stopper.exit_code)
     return Trained(model, type(loss).__name__, len(dataset), int(trainer.state.global_step),
-                   resume.name if resume else None, stopped, time.perf_counter() - started)
+                   resume.name if resume else None, stopped, time.perf_counter() - started,
+                   float(trainer.state.epoch or 0.0))
