@@ -107,13 +107,16 @@ def choose(held: HeldBack | None, *, min_similarity: float, gate: float | None =
     recall = float((served & duplicate).sum() / n_dup)
     cost_080 = recall_ungated - float((at & (cosine >= 0.80) & duplicate).sum() / n_dup)
     cost = recall_ungated - recall
+    versus = "" if abs(gate - 0.80) < 1e-9 else f"; a 0.80 gate, {cost_080:.3f}"
     origin = "from the verifier's card" if source == "verifier_card" else "from --verify-threshold"
+    rule = (f" (the loosest threshold whose precision reaches that + {margin:g})"
+            if source == "verifier_card" else "")
     explanation = (
         f"threshold {threshold:.4f} {origin}: on its {len(duplicate)} held-back "
-        f"({held.part}) pairs it serves at precision {precision:.3f} and recall {recall:.3f}, "
-        f"against {cos_precision:.3f} and {cos_recall:.3f} for cosine >= {min_similarity:g} "
-        f"(target: that precision + {margin:g}); gate {gate:.2f} (costs {cost:.3f} recall "
-        f"against no gate there; a 0.80 gate, {cost_080:.3f}); scores: {held.scores_from}")
+        f"({held.part}) pairs, scored from the card's {held.scores_from!r} column, it serves at "
+        f"precision {precision:.3f} and recall {recall:.3f}, against {cos_precision:.3f} and "
+        f"{cos_recall:.3f} for cosine >= {min_similarity:g}{rule}; gate {gate:.2f} (costs "
+        f"{cost:.3f} recall against no gate there{versus})")
     return OperatingPoint(gate, float(threshold), source, explanation)
 
 
