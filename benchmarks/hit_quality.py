@@ -375,11 +375,10 @@ def main(argv: list[str] | None = None) -> int:
         "plain": _public(plain)}
     summary = {"plain": plain}
     if verified:
-        grid = sorted({round(x / 100, 2) for x in range(0, 101, 5)}
-                      | {round(x / 100, 2) for x in range(80, 100)})
         policy = defaults["policy"]
         threshold = float(policy["threshold"])  # type: ignore[index]
-        grid = sorted(set(grid) | {threshold})
+        grid = sorted({round(x / 100, 2) for x in range(0, 101, 5)}
+                      | {round(x / 100, 2) for x in range(80, 100)} | {threshold})
         ver = _evaluate(raw["verified"], pairs, grid, True)  # type: ignore[arg-type]
         summary["verified"] = ver
         print(f"\nverified (cosine gate {gate}, threshold on the decision score):")

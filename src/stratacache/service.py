@@ -49,10 +49,10 @@ _STATUS: dict[type[errors.CacheError], grpc.StatusCode] = {
 }
 #: Statuses that are the caller's to fix, or a normal shutdown: logged at INFO. The others say
 #: the server is short of something or failing, and are logged at WARNING.
-#: Seconds between log lines about one method's RESOURCE_EXHAUSTED refusals.
-REFUSAL_LOG_INTERVAL_S = 1.0
 _CALLER_STATUSES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                               grpc.StatusCode.UNAVAILABLE})
+#: Seconds between log lines about one method's RESOURCE_EXHAUSTED refusals.
+REFUSAL_LOG_INTERVAL_S = 1.0
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["SemanticCache"],
             pb.DESCRIPTOR.services_by_name["CacheAdmin"])

@@ -43,13 +43,13 @@ from .config import DEFAULT_MIN_SIMILARITY
 from .curves import curve_metrics
 from .errors import InvalidArgument
 from .pairs import LabelledPair, write_pairs
-from .tuning.card import (add_int8_scores, build_card, cosine_scores, embedder_metrics,
-                          is_finished, metrics_line, verifier_metrics, verifier_scores,
-                          write_card)
+from .tuning.card import (add_int8_scores, build_card, cosine_scores, decision_scores,
+                          embedder_metrics, is_finished, metrics_line, verifier_metrics,
+                          verifier_scores, write_card)
 from .tuning.data import HELDOUT_PART, TRAIN_PART, Data, load_data
 from .tuning.training import (Trained, check_recipe, latest_checkpoint,
                               require_training_libraries, train_embedder, train_verifier)
-from .verify import Fusion, HeldBack, Verifier
+from .verify import HeldBack, Verifier
 
 log = logging.getLogger("stratacache.tune")
 
@@ -215,7 +215,7 @@ def _write_verifier(args: argparse.Namespace, data: Data, trained: Trained, base
     trained.model.save_pretrained(str(out))
     int8 = _int8_scores(out, held, both)
     if int8 is not None:
-        add_int8_scores(metrics, int8, [p.duplicate for p in held])
+        add_int8_scores(metrics, int8)
     points = _default_operating_points(metrics)
     metrics["default_operating_point"] = points
     write_card(out, build_card(
@@ -261,17 +261,15 @@ def _default_operating_points(metrics: dict[str, Any]) -> dict[str, Any]:
     derives from these metrics (``stratacache.operating_point``), per held-back score column
     (full precision, int8), for the card and the log."""
     held = metrics["held_back"]
-    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
     cosine = np.asarray(held["base_cosine"])
     duplicate = np.asarray(held["duplicate"], dtype=bool)
     points: dict[str, Any] = {"min_similarity": DEFAULT_MIN_SIMILARITY}
     for column in ("verifier", "verifier_int8"):
         if column not in held:
             continue
-        verifier = np.asarray(held[column])
-        score = Fusion(**weights)(cosine, verifier) if weights else verifier
-        point = operating_point.choose(HeldBack(held["part"], duplicate, cosine, score, column),
-                                       min_similarity=DEFAULT_MIN_SIMILARITY)
+        point = operating_point.choose(
+            HeldBack(held["part"], duplicate, cosine, decision_scores(metrics, column), column),
+            min_similarity=DEFAULT_MIN_SIMILARITY)
         points[column] = {"gate": point.gate, "threshold": point.threshold,
                           "source": point.source, "explanation": point.explanation}
     return points

@@ -107,40 +107,41 @@ def verifier_metrics(forward: np.ndarray, backward: np.ndarray, base_cosine: dic
         metrics["fusion_with_base_cosine"] = fusion(base_cosine["scores"], used, held)
     except ValueError as exc:  # degenerate scores
         log.warning("no fusion metrics: %s", exc)
-    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
-    held_back = held_back_scores(base_cosine["scores"], used, labels)
     # from the rounded columns the card holds, so its numbers reproduce from it exactly
-    metrics["decision"] = decision(np.asarray(held_back["base_cosine"]),
-                                   np.asarray(held_back["verifier"]), labels, weights)
-    metrics["held_back"] = held_back
+    metrics["held_back"] = held_back_scores(base_cosine["scores"], used, labels)
+    metrics["decision"] = _decision_metrics(metrics, "verifier")
     return metrics
 
 
-def add_int8_scores(metrics: dict[str, Any], int8: np.ndarray, labels: Sequence[bool]) -> None:
+def add_int8_scores(metrics: dict[str, Any], int8: np.ndarray) -> None:
     """Adds to :func:`verifier_metrics`' result what the verifier scores in dynamic int8 (the
     server's CPU default): ``held_back.verifier_int8`` and ``decision_int8``. int8 scores run
     lower than full precision's on many pairs, so a server in int8 derives its threshold from
     this column, not from the full-precision one."""
     metrics["held_back"]["verifier_int8"] = [round(float(v), 6) for v in int8]
-    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
-    metrics["decision_int8"] = decision(np.asarray(metrics["held_back"]["base_cosine"]),
-                                        np.asarray(metrics["held_back"]["verifier_int8"]),
-                                        labels, weights)
+    metrics["decision_int8"] = _decision_metrics(metrics, "verifier_int8")
 
 
-def decision(cosine: np.ndarray, verifier: np.ndarray, labels: Sequence[bool],
-             weights: dict[str, float] | None) -> dict[str, Any]:
-    """The curve metrics of the decision score a server with the base model thresholds: the
-    fused probability with ``weights`` (the fusion fitted on all held-back pairs), else the
-    verifier's score; thresholds are probabilities, the unit the server compares."""
+def decision_scores(metrics: dict[str, Any], column: str) -> np.ndarray:
+    """The decision score a server with the base model thresholds, per held-back pair, from the
+    card's ``held_back[column]`` verifier scores: the fused probability when the card has a
+    fusion (fitted on all held-back pairs), else the verifier's score."""
     from ..verify import Fusion
 
-    if weights:
-        scores = Fusion(**weights)(cosine, verifier)
-        score = "fused: sigmoid(intercept + cosine * cos + verifier_logit * logit(verifier))"
-    else:
-        scores, score = verifier, "verifier"
-    return {"score": score, "unit": "probability", **curve_metrics(scores, labels)}
+    held = metrics["held_back"]
+    verifier = np.asarray(held[column], dtype=np.float64)
+    weights = (metrics.get("fusion_with_base_cosine") or {}).get("weights")
+    return Fusion(**weights)(np.asarray(held["base_cosine"]), verifier) if weights else verifier
+
+
+def _decision_metrics(metrics: dict[str, Any], column: str) -> dict[str, Any]:
+    """The curve metrics of :func:`decision_scores`; thresholds are probabilities, the unit the
+    server compares."""
+    fused = bool((metrics.get("fusion_with_base_cosine") or {}).get("weights"))
+    score = ("fused: sigmoid(intercept + cosine * cos + verifier_logit * logit(verifier))"
+             if fused else "verifier")
+    return {"score": score, "unit": "probability",
+            **curve_metrics(decision_scores(metrics, column), metrics["held_back"]["duplicate"])}
 
 
 def held_back_scores(cosine: np.ndarray, verifier: np.ndarray,

@@ -289,12 +289,13 @@ def _training_args(kind: str, args: argparse.Namespace, device: str, output_dir:
         extra["batch_sampler"] = BatchSamplers.NO_DUPLICATES
     else:
         extra["batch_sampler"] = length_grouped_batch_sampler
-    steps_per_epoch = math.ceil(n_train / batch_size(args, device))
+    batch = batch_size(args, device)
+    steps_per_epoch = math.ceil(n_train / batch)
     return Args(
         output_dir=str(output_dir),
         num_train_epochs=args.epochs,
         max_steps=args.max_steps if args.max_steps > 0 else -1,
-        per_device_train_batch_size=batch_size(args, device),
+        per_device_train_batch_size=batch,
         learning_rate=args.learning_rate,
         warmup_steps=0.1,
         weight_decay=0.01,
@@ -317,16 +318,18 @@ def _training_args(kind: str, args: argparse.Namespace, device: str, output_dir:
     )
 
 
+#: Pairs per optimizer step with ``--batch-size 0``: a MiniLM-sized cross-encoder at 128 tokens
+#: uses a few GB of a GPU at 128.
+AUTO_BATCH_CPU = 32
+AUTO_BATCH_GPU = 128
+
+
 def batch_size(args: argparse.Namespace, device: str) -> int:
-    """Pairs per optimizer step: ``--batch-size``, or with 0 (auto) 32 on the CPU and 128 on a
-    GPU (a MiniLM-sized cross-encoder at 128 tokens uses a few GB there)."""
+    """Pairs per optimizer step: ``--batch-size``, or with 0 (auto) AUTO_BATCH_CPU on the CPU
+    and AUTO_BATCH_GPU on a GPU."""
     if args.batch_size:
         return int(args.batch_size)
     return AUTO_BATCH_GPU if device.startswith("cuda") else AUTO_BATCH_CPU
-
-
-AUTO_BATCH_CPU = 32
-AUTO_BATCH_GPU = 128
 
 
 def _epoch_callback(on_epoch: Callable[[Any, float, int], None], model: Any) -> Any:
@@ -358,7 +361,7 @@ def _train(kind: str, model: Any, loss: Any, dataset: Any, args: argparse.Namesp
     callbacks = [stopper.callback()] + ([_epoch_callback(on_epoch, model)] if on_epoch else [])
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, loss=loss,
                       callbacks=callbacks)
-    batch = batch_size(args, device)
+    batch = training_args.per_device_train_batch_size
     steps_per_epoch = math.ceil(len(dataset) / batch)
     total = args.max_steps if args.max_steps > 0 else math.ceil(steps_per_epoch * args.epochs)
     precision = ("bf16" if training_args.bf16 else "fp16" if training_args.fp16
