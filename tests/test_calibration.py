@@ -8,7 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from stratacache.calibration import calibrate, minimum_served, upper_bound
+from stratacache.calibration import (CONFIDENCE, _sequence_start, calibrate, minimum_served,
+                                     upper_bound, upper_bounds)
 
 
 def test_upper_bound_matches_known_values() -> None:
@@ -91,3 +92,30 @@ def test_promise_holds_on_fresh_data(bound: float) -> None:
         served = scores >= cal.threshold
         kept += (~correct[served]).mean() <= bound
     assert kept >= 0.9 * trials
+
+
+@pytest.mark.parametrize("bound", [0.01, 0.05, 0.3])
+def test_the_fast_search_picks_what_testing_every_threshold_picks(bound: float) -> None:
+    """calibrate tests one threshold per run of equal wrong counts; testing every distinct score
+    with the Clopper-Pearson bound itself, in the same fixed sequences, picks the same one."""
+    rng = np.random.default_rng(7)
+    for n in (0, 40, 900, 6000):
+        correct = rng.random(n) < 0.7
+        scores = np.round(np.where(correct, rng.beta(8, 1.5, n), rng.beta(1.5, 5, n)), 3)
+        cal = calibrate(scores, correct, bound)
+        each = 1 - (1 - CONFIDENCE) / 3
+        order = np.argsort(-scores, kind="stable")
+        s, wrong = scores[order], np.cumsum(~correct[order])
+        ends = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if n else np.array([], int)
+        bounds = upper_bounds(wrong[ends], ends + 1, each)
+        best = None
+        for slack in (0.0, 0.5, 0.75):
+            start = _sequence_start(bound, slack, each)
+            for i in np.flatnonzero(ends + 1 >= start):
+                if bounds[i] > bound:
+                    break
+                if best is None or ends[i] + 1 > ends[best] + 1:
+                    best = i
+        assert cal.threshold == (None if best is None else s[ends[best]])
+        if best is not None:
+            assert cal.served == ends[best] + 1 and cal.promised_bound == bounds[best] <= bound

@@ -20,11 +20,13 @@ guess (exact hits are never wrong and stay on).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.special import bdtr
 from scipy.stats import beta
 
 CONFIDENCE = 0.95
@@ -41,6 +43,31 @@ def upper_bounds(wrong: np.ndarray, served: np.ndarray,
 
 def upper_bound(wrong: int, served: int, confidence: float = CONFIDENCE) -> float:
     return float(upper_bounds(np.array([wrong]), np.array([served]), confidence)[0])
+
+
+def _passes(wrong: np.ndarray, served: np.ndarray, max_wrong_rate: float,
+            confidence: float) -> np.ndarray:
+    """Whether U(wrong, served) <= max_wrong_rate, elementwise, without computing U: the
+    Clopper-Pearson bound is at most r exactly when P(Binomial(served, r) <= wrong) <= 1 -
+    confidence, a direct CDF that costs a fraction of the beta quantile."""
+    wrong, served = np.asarray(wrong), np.asarray(served)
+    return (served > wrong) & (bdtr(wrong, served, max_wrong_rate) <= 1 - confidence)
+
+
+def _first_failure(wrong: np.ndarray, served: np.ndarray, start: int, max_wrong_rate: float,
+                   confidence: float) -> int:
+    """The first index ``i >= start`` whose bound U(wrong[i], served[i]) exceeds
+    ``max_wrong_rate``, or ``len(served)`` if none does. ``served`` must rise and ``wrong`` not
+    fall (thresholds from strict to loose).
+
+    Within a run of equal wrong counts the bound only falls as ``served`` grows, so a run holds
+    a failure exactly when its first index fails: the bound is tested once per run (about
+    ``max_wrong_rate * served`` runs before the first failure, not one per distinct score). The
+    result is that of testing every index."""
+    w, n = wrong[start:], served[start:]
+    run_starts = np.flatnonzero(np.insert(w[1:] != w[:-1], 0, True))
+    failing = np.flatnonzero(~_passes(w[run_starts], n[run_starts], max_wrong_rate, confidence))
+    return start + int(run_starts[failing[0]]) if len(failing) else len(served)
 
 
 def minimum_served(max_wrong_rate: float, confidence: float = CONFIDENCE) -> int:
@@ -101,6 +128,7 @@ class Calibration:
 _SLACKS = (0.0, 0.5, 0.75)
 
 
+@functools.lru_cache(maxsize=64)  # a few bounds, asked at every calibration
 def _sequence_start(max_wrong_rate: float, slack: float, confidence: float) -> int:
     """Fewest served observations at which a wrong-hit rate of ``slack * max_wrong_rate`` still
     passes the bound: where a test sequence starts."""
@@ -137,23 +165,22 @@ def calibrate(scores: Sequence[float] | np.ndarray, correct: Sequence[bool] | np
     ends = np.flatnonzero(np.append(s[1:] != s[:-1], True)) if len(s) else np.array([], int)
     served_at = ends + 1
     wrong_at = wrong_so_far[ends] if len(ends) else np.array([], int)
-    bounds = upper_bounds(wrong_at, served_at, each)
-    best: tuple[float, int, int, float] | None = None
+    best: tuple[float, int, int] | None = None
     first_bound = 1.0
     for n, start in enumerate(starts):
-        tested = np.flatnonzero(served_at >= start)
-        if not len(tested):
+        first = int(np.searchsorted(served_at, start))  # served_at rises: tested = a suffix
+        if first == len(served_at):
             continue
         if n == 0:
-            first_bound = float(bounds[tested[0]])
-        failed = np.flatnonzero(bounds[tested] > max_wrong_rate)
-        passed = tested[:failed[0]] if len(failed) else tested
-        if len(passed) and (best is None or served_at[passed[-1]] > best[1]):
-            i = passed[-1]
-            best = (float(s[ends[i]]), int(served_at[i]), int(wrong_at[i]), float(bounds[i]))
+            first_bound = upper_bound(int(wrong_at[first]), int(served_at[first]), each)
+        failed = _first_failure(wrong_at, served_at, first, max_wrong_rate, each)
+        if failed > first and (best is None or served_at[failed - 1] > best[1]):
+            i = failed - 1
+            best = (float(s[ends[i]]), int(served_at[i]), int(wrong_at[i]))
     if best is None:
         return Calibration(max_wrong_rate, None, len(s), positives, 0, 0, first_bound, 0.0,
                            starts[0])
-    threshold, served, wrong, bound = best
-    return Calibration(max_wrong_rate, threshold, len(s), positives, served, wrong, bound,
+    threshold, served, wrong = best
+    return Calibration(max_wrong_rate, threshold, len(s), positives, served, wrong,
+                       upper_bound(wrong, served, each),
                        (served - wrong) / positives if positives else 0.0, starts[0])

@@ -30,7 +30,7 @@ from .feedback import Feedback
 from .keyring import KeyRing
 from .messages import (LookupRequest, LookupResult, NamespaceStats, StageStats, Stats,
                        StoreRequest, StoreResult, TierStats)
-from .metrics import Metrics
+from .metrics import LoopLagProbe, Metrics
 from .pipeline import Pipeline
 from .placement import Placement
 from .policy import Defaults, Policy, PolicyBook, PolicyStatus
@@ -100,6 +100,7 @@ class Engine:
                                       self._model_thread, self._embedder, self._verifier,
                                       self.metrics, evict_after=settings.feedback_evict_after)
         self._sweeper: asyncio.Task[None] | None = None
+        self.loop_lag = LoopLagProbe()
         self._started = time.monotonic()
         self._closed = False
 
@@ -117,6 +118,7 @@ class Engine:
         if engine._verifier is not None:
             engine._verifier.start()
         engine._sweeper = asyncio.get_running_loop().create_task(engine._sweep_forever())
+        engine.loop_lag.start()
         engine.placement.maybe_demote()
         return engine
 
@@ -244,8 +246,9 @@ class Engine:
                 log.warning("expiry sweep failed, retrying at the next interval: %s", exc)
 
     async def settled(self) -> None:
-        """Waits until no background move runs (tests, benchmarks)."""
+        """Waits until no background move or hot-tier graph build runs (tests, benchmarks)."""
         await self.placement.settled()
+        await self.hot.settled()
 
     # --- stats and lifecycle ------------------------------------------------------------------
 
@@ -260,6 +263,7 @@ class Engine:
             return (0, 0) if b is None else (b.stats.batches, b.stats.items)
 
         verify_batches, verify_pairs = batches(self._verifier)
+        lag = self.loop_lag.summary()
         return Stats(
             model=self.encoder.identity.name, dimension=self.encoder.dimension,
             device=self.encoder.device, default_min_similarity=s.min_similarity,
@@ -271,8 +275,9 @@ class Engine:
             cold=tier(Tier.COLD, len(self.cold), cold_file, s.cold_max_bytes),
             embed_batches=self._embedder.stats.batches, embed_texts=self._embedder.stats.items,
             rejected_overload=self._embedder.stats.rejected,
-            stages={name: StageStats(v.count, v.p50_ms, v.p99_ms)
+            stages={name: StageStats(v.count, v.p50_ms, v.p99_ms, v.max_ms)
                     for name, v in m.stages().items()},
+            loop_lag=StageStats(lag.count, lag.p50_ms, lag.p99_ms, lag.max_ms),
             uptime_s=time.monotonic() - self._started, simd_isa=_core.simd_isa(),
             verifier="" if self.verifier is None else self.verifier.identity.name,
             verify_batches=verify_batches, verify_pairs=verify_pairs,
@@ -280,10 +285,8 @@ class Engine:
             model_restarts=sum(b.stats.restarts for b in self._batchers()),
             storage_errors=sum(m.tier_errors.values()), damaged_records=self.quarantine.damaged,
             erased_records=self.quarantine.erased,
-            namespaces={ns: NamespaceStats(st.evidence, st.feedback_correct, st.feedback_wrong,
-                                           st.vetoed_entries)
-                        for ns in self.policies.namespaces()
-                        for st in (self.policies.status(ns),)})
+            namespaces={ns: NamespaceStats(*counts)
+                        for ns, counts in self.policies.counts().items()})
 
     def _batchers(self) -> list[Batcher[Any, Any]]:
         return [b for b in (self._embedder, self._verifier) if b is not None]
@@ -300,7 +303,9 @@ class Engine:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        await self.loop_lag.close()
         await self.placement.settled()
+        await self.hot.settled()
         await self._embedder.close()
         if self._verifier is not None:
             await self._verifier.close()

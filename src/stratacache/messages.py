@@ -91,6 +91,7 @@ class StageStats:
     count: int
     p50_ms: float
     p99_ms: float
+    max_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -124,6 +125,8 @@ class Stats:
     storage_errors: int = 0
     damaged_records: int = 0
     erased_records: int = 0
+    #: How late the event loop woke a task that slept a short interval (count = samples).
+    loop_lag: StageStats = StageStats(0, 0.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)

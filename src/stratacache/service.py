@@ -268,7 +268,7 @@ def stats_to_proto(stats: Stats) -> pb.StatsResponse:
                             demotions=t.demotions, promotions=t.promotions)
 
     def stage(s: StageStats) -> pb.StageStats:
-        return pb.StageStats(count=s.count, p50_ms=s.p50_ms, p99_ms=s.p99_ms)
+        return pb.StageStats(count=s.count, p50_ms=s.p50_ms, p99_ms=s.p99_ms, max_ms=s.max_ms)
 
     return pb.StatsResponse(
         model=stats.model, dimension=stats.dimension, device=stats.device,
@@ -282,6 +282,7 @@ def stats_to_proto(stats: Stats) -> pb.StatsResponse:
         verify_pairs=stats.verify_pairs, shed_deadline=stats.shed_deadline,
         model_restarts=stats.model_restarts, storage_errors=stats.storage_errors,
         damaged_records=stats.damaged_records, erased_records=stats.erased_records,
+        loop_lag=stage(stats.loop_lag),
         namespaces={ns: pb.NamespaceStats(evidence=n.evidence,
                                           feedback_correct=n.feedback_correct,
                                           feedback_wrong=n.feedback_wrong,

@@ -5,15 +5,25 @@ is faster than a graph and costs no graph memory, which matters when every conve
 makes its own partition. Past ``hnsw_min_entries`` the partition moves to an hnswlib HNSW graph
 (inner-product space; hnswlib's "distance" is ``1 - dot``, converted back to similarity here).
 
+The graph is built off the event loop (tens of milliseconds to seconds, by size), on a worker
+thread; hnswlib releases the GIL while it inserts. Until it is swapped in, the partition keeps
+its exact scan, which every add and removal still updates, so a lookup meanwhile finds exactly
+what is stored; the changes made during the build are replayed onto the graph before the swap.
+Without a running event loop (scripts, tests of the tier alone) the graph is built at once.
+
 The hot tier is a cache of the warm and cold tiers: every entry in it is also on disk, so
 dropping the least recently used entries beyond ``capacity`` demotes them without loss.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import itertools
+import logging
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
+from concurrent.futures import Executor
 
 import hnswlib
 import numpy as np
@@ -21,6 +31,8 @@ import numpy as np
 from ..records import Entry, EntryInfo, Tier as TierKind
 from .base import Candidate, Filter
 from .vectors import VectorMatrix
+
+log = logging.getLogger(__name__)
 
 #: Partitions with fewer entries are searched exactly; at this size they get an HNSW graph.
 DEFAULT_HNSW_MIN_ENTRIES = 512
@@ -41,6 +53,19 @@ class _GraphIndex:
         self._labels = itertools.count()
         self._label_of: dict[str, int] = {}
         self._id_of: dict[int, str] = {}
+
+    @classmethod
+    def build(cls, dimension: int, ids: Sequence[str], vectors: np.ndarray, *, m: int,
+              ef_construction: int, ef_search: int) -> "_GraphIndex":
+        """A graph of ``ids`` with their ``vectors``, inserted in one call (which releases the
+        GIL: run it on a worker thread)."""
+        graph = cls(dimension, m=m, ef_construction=ef_construction, ef_search=ef_search,
+                    initial=2 * len(ids))
+        labels = np.fromiter(itertools.islice(graph._labels, len(ids)), np.int64, len(ids))
+        graph._index.add_items(vectors, labels)
+        graph._label_of = dict(zip(ids, labels.tolist()))
+        graph._id_of = dict(zip(labels.tolist(), ids))
+        return graph
 
     def __len__(self) -> int:
         return len(self._label_of)
@@ -82,6 +107,12 @@ class _Partition:
     def __init__(self, dimension: int) -> None:
         self.flat: VectorMatrix | None = VectorMatrix(dimension)
         self.graph: _GraphIndex | None = None
+        #: The graph being built off the loop, and the (id, vector or None for a removal)
+        #: changes made since its snapshot, replayed onto it before the swap.
+        self.building: asyncio.Future[_GraphIndex] | None = None
+        self.changes: list[tuple[str, np.ndarray | None]] = []
+        #: The build failed (logged): the partition keeps its exact scan.
+        self.exact_only = False
 
     @property
     def index(self) -> VectorMatrix | _GraphIndex:
@@ -101,12 +132,14 @@ class HotTier:
 
     def __init__(self, dimension: int, *, capacity: int, m: int, ef_construction: int,
                  ef_search: int, max_bytes: int = 0,
-                 hnsw_min_entries: int = DEFAULT_HNSW_MIN_ENTRIES) -> None:
+                 hnsw_min_entries: int = DEFAULT_HNSW_MIN_ENTRIES,
+                 build_executor: Executor | None = None) -> None:
         self.dimension = dimension
         self.capacity = capacity
         self.max_bytes = max_bytes
         self._graph_params = dict(m=m, ef_construction=ef_construction, ef_search=ef_search)
         self._hnsw_min_entries = hnsw_min_entries
+        self._build_executor = build_executor  # None: the loop's default executor
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._exact: dict[bytes, str] = {}
         self._partitions: dict[bytes, _Partition] = {}
@@ -168,8 +201,11 @@ class HotTier:
         if p is None:
             p = self._partitions[entry.partition] = _Partition(self.dimension)
         p.index.add(entry.id, entry.vector)
-        if p.flat is not None and len(p.flat) >= self._hnsw_min_entries:
-            self._promote_to_graph(p)
+        if p.building is not None:
+            p.changes.append((entry.id, entry.vector))
+        elif (p.flat is not None and not p.exact_only
+              and len(p.flat) >= self._hnsw_min_entries):
+            self._promote_to_graph(entry.partition, p)
         self._entries[entry.id] = entry
         self._exact[entry.exact_key] = entry.id
         self.bytes += _size(entry)
@@ -181,13 +217,45 @@ class HotTier:
             dropped.append(oldest)
         return dropped
 
-    def _promote_to_graph(self, p: _Partition) -> None:
+    def _promote_to_graph(self, key: bytes, p: _Partition) -> None:
+        """Builds the partition's graph from a snapshot of its rows: on a worker thread when
+        an event loop runs (the partition keeps its exact scan meanwhile), else at once."""
         assert p.flat is not None
         ids, vectors = p.flat.rows()
-        graph = _GraphIndex(self.dimension, initial=2 * len(ids), **self._graph_params)
-        for entry_id, vector in zip(ids, vectors):
-            graph.add(entry_id, vector)
+        build = functools.partial(_GraphIndex.build, self.dimension, list(ids), vectors.copy(),
+                                  **self._graph_params)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            p.graph, p.flat = build(), None
+            return
+        p.building = loop.run_in_executor(self._build_executor, build)
+        p.building.add_done_callback(functools.partial(self._graph_built, key, p))
+
+    def _graph_built(self, key: bytes, p: _Partition, done: asyncio.Future[_GraphIndex]) -> None:
+        """On the loop: replays the changes made during the build and swaps the graph in,
+        unless the partition emptied (and went) meanwhile."""
+        p.building, changes, p.changes = None, p.changes, []
+        if done.cancelled() or self._partitions.get(key) is not p:
+            return
+        if done.exception() is not None:
+            log.error("building the HNSW graph of a hot partition of %d entries failed; it "
+                      "keeps the exact scan (correct, slower): %s", len(p.index), done.exception())
+            p.exact_only = True
+            return
+        graph = done.result()
+        for entry_id, vector in changes:
+            if vector is None:
+                graph.remove(entry_id)
+            else:
+                graph.add(entry_id, vector)
         p.graph, p.flat = graph, None
+
+    async def settled(self) -> None:
+        """Waits until no graph is being built (tests, benchmarks, shutdown)."""
+        while building := [p.building for p in self._partitions.values()
+                           if p.building is not None]:
+            await asyncio.gather(*building, return_exceptions=True)
 
     def drop(self, entry_id: str) -> bool:
         entry = self._entries.pop(entry_id, None)
@@ -195,6 +263,8 @@ class HotTier:
             return False
         p = self._partitions[entry.partition]
         p.index.remove(entry_id)
+        if p.building is not None:
+            p.changes.append((entry_id, None))
         if len(p.index) == 0:
             del self._partitions[entry.partition]
         if self._exact.get(entry.exact_key) == entry_id:
