@@ -120,3 +120,31 @@ def test_overload_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
     assert wave["calls"] == 40 and wave["exact"]["calls"] == 10
     assert sum(wave["outcomes"].values()) == 40
     assert wave["semantic"]["calls"] + wave["exact"]["calls"] == 40
+
+
+def test_transfer_benchmark_runs_on_a_small_size(tmp_path: Path) -> None:
+    from benchmarks import transfer
+
+    out = tmp_path / "transfer.json"
+    assert transfer.main(["--data", str(QQP), "--entries", "300", "--embed-entries", "20",
+                          "--questions", "50", "--batch-size", "64", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert all(report["round_trip"].values())
+    assert report["results"]["import, same model"]["entries"] == 300
+    assert report["results"]["import, embedding every prompt"]["embedded"] == 20
+
+
+def test_loop_lag_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
+    from benchmarks import loop_lag
+
+    out = tmp_path / "loop_lag.json"
+    assert loop_lag.main(["--data", str(QQP), "--entries", "20", "--evidence", "500",
+                          "--seconds", "1", "--exact-clients", "1", "--semantic-clients", "1",
+                          "--feedback-clients", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["evidence_at_start"] == 508  # 8 pairs through AddEvidence, 500 written
+    assert set(report["phases"]) == {"idle", "storm"}
+    for phase in report["phases"].values():
+        assert {"exact", "semantic", "feedback", "loop_lag"} <= set(phase)
+        assert phase["exact"]["errors"] == 0 and phase["loop_lag"]["count"] > 0
+    assert report["phases"]["idle"]["feedback"]["n"] == 0

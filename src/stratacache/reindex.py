@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import logging
 import os
 import shutil
@@ -70,7 +71,8 @@ class Outcome:
         return self.entries / self.seconds if self.seconds > 0 else 0.0
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """An argparse type: an integer of at least 1."""
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
@@ -100,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="embedding device: auto, cpu, cuda, cuda:N [env STRATACACHE_DEVICE] "
              "(default: %(default)s)")
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE,
+        "--batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
         help="texts per embedding pass (default: %(default)s)")
     parser.add_argument(
         "--force", action="store_true",
@@ -222,25 +224,20 @@ def _rebuild(data_dir: Path, encoder: Encoder, recorded: dict, batch_size: int,
         cold_out = cold.BulkWriter(staging / datadir.COLD, keys=key_ring)
         writers.append(cold_out)
         counts = {"warm": 0, "cold": 0, "expired": 0}
-        warm_ids: set[str] = set()
         with tqdm(total=total, unit="entry", desc="re-embedding", dynamic_ncols=True) as bar:
-            for tier, read, out in (
-                    ("warm", warm.read_stored(old_warm, batch_size, keys=key_ring,
-                                              quarantine=quarantine), warm_out),
-                    ("cold", cold.read_stored(old_cold, batch_size, keys=key_ring,
-                                              quarantine=quarantine), cold_out)):
-                for window in _windows(read, batch_size * WINDOW_BATCHES):
-                    if tier == "cold":
-                        # An interrupted move can leave an entry in both tiers: keep the warm
-                        # copy, as the engine does at start-up.
-                        both = [e for e in window if e.id in warm_ids]
-                        window = [e for e in window if e.id not in warm_ids]
-                        bar.update(len(both))
-                    for kept, consumed in _reembed(encoder, window, now, batch_size):
+
+            def batches(group: Iterator[tuple[str, list[Entry], int]]) -> Iterator[list[Entry]]:
+                for _, entries, duplicates in group:
+                    bar.update(duplicates)
+                    yield entries
+
+            stored = stored_entries(data_dir, batch_size, keys=key_ring, quarantine=quarantine)
+            for tier, group in itertools.groupby(stored, key=lambda t: t[0]):
+                out = warm_out if tier == "warm" else cold_out
+                for window in _windows(batches(group), batch_size * WINDOW_BATCHES):
+                    for kept, consumed in reembed(encoder, window, now, batch_size):
                         if kept:
                             out.put(kept)
-                        if tier == "warm":
-                            warm_ids.update(e.id for e in kept)
                         counts[tier] += len(kept)
                         counts["expired"] += consumed - len(kept)
                         bar.update(consumed)
@@ -273,6 +270,29 @@ def _rebuild(data_dir: Path, encoder: Encoder, recorded: dict, batch_size: int,
                    expired=counts["expired"], seconds=time.perf_counter() - started)
 
 
+def stored_entries(data_dir: Path, batch: int, *, keys: KeyRing,
+                   quarantine: Quarantine) -> Iterator[tuple[str, list[Entry], int]]:
+    """Every readable entry of ``data_dir`` (whose lock the caller holds, with no server on
+    it), expired ones included: the warm tier's in key (id) order, then the cold tier's in
+    insertion order, ``batch`` records at a time.
+
+    Yields:
+        (tier: "warm" or "cold", entries, duplicates): ``duplicates`` counts cold records left
+        out because the warm tier holds the same entry (an interrupted move leaves both; the
+        warm copy wins, as at start-up). Damaged records go to ``quarantine``; records of
+        deleted users are dropped (counted there as erased).
+    """
+    warm_ids: set[str] = set()
+    for entries in warm.read_stored(data_dir / datadir.WARM, batch, keys=keys,
+                                    quarantine=quarantine):
+        warm_ids.update(e.id for e in entries)
+        yield "warm", entries, 0
+    for entries in cold.read_stored(data_dir / datadir.COLD, batch, keys=keys,
+                                    quarantine=quarantine):
+        kept = [e for e in entries if e.id not in warm_ids]
+        yield "cold", kept, len(entries) - len(kept)
+
+
 def _windows(batches: Iterator[list[Entry]], size: int) -> Iterator[list[Entry]]:
     """Regroups ``batches`` into windows of about ``size`` entries (fewer when their responses
     pass WINDOW_BYTES), so that a window's prompts can be sorted by length."""
@@ -288,8 +308,8 @@ def _windows(batches: Iterator[list[Entry]], size: int) -> Iterator[list[Entry]]
         yield window
 
 
-def _reembed(encoder: Encoder, entries: Sequence[Entry], now: float,
-             batch_size: int) -> Iterator[tuple[list[Entry], int]]:
+def reembed(encoder: Encoder, entries: Sequence[Entry], now: float,
+            batch_size: int) -> Iterator[tuple[list[Entry], int]]:
     """Re-embeds ``entries`` a forward pass at a time, shortest prompts first (less padding in
     a pass); yields (the live entries with their new vectors, entries consumed), expired ones
     dropped. Vectors are computed as a Store computes them: from the normalised prompt, and a
