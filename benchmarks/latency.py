@@ -19,6 +19,12 @@ twice on disjoint halves of its prompts, with the namespace's verification off a
 side in one run, and the server's per-stage times (embed, search, decide, verify) show where the
 time goes.
 
+``--embed-backend onnx,torch`` (the default) runs the whole set with the first backend's
+server, then starts one more server per other backend on the same prompts (only the hot
+entries stored) and times the hot hit and semantic throughput at the largest client count:
+those figures for every backend, side by side with each one's own embedding floor, and the
+ratios to the first.
+
 Every call's tier is checked; calls served from another tier than intended are not counted.
 In the same run it times the floors: a bare gRPC echo on loopback and a bare embedding call
 (the same model, in this process, one text), and prints each figure's ratio to its floor
@@ -26,6 +32,7 @@ In the same run it times the floors: a bare gRPC echo on loopback and a bare emb
 table and writes JSON.
 
     python -m benchmarks.latency [--calls 300] [--entries 3000] [--verifier OUT/verifier]
+                                 [--embed-backend onnx,torch]
 """
 
 from __future__ import annotations
@@ -87,18 +94,38 @@ async def _concurrent(target: str, prompts: list[str], min_similarity: float | N
             "per_s": round(len(latencies) / elapsed, 1), **percentiles_ms(latencies)}
 
 
-def _floors(texts: list[str], calls: int) -> dict[str, dict[str, float]]:
-    """The bare costs under every lookup, timed after the server has stopped (so they do not
-    compete with it): a loopback gRPC echo of a lookup-sized message, and one embedding."""
+def _embed_floor(texts: list[str], calls: int, backend: str) -> dict[str, float]:
+    """One bare embedding with ``backend`` (the server's), timed with no server running."""
     from stratacache.embed import Encoder
 
-    encoder = Encoder("default", device="auto")
+    encoder = Encoder("default", device="auto", backend=backend)
     texts_cycle = iter(texts * (calls // max(1, len(texts)) + 2))
-    embed = time_calls(lambda: encoder.encode([next(texts_cycle)]), calls)
+    return percentiles_ms(time_calls(lambda: encoder.encode([next(texts_cycle)]), calls))
+
+
+def _floors(texts: list[str], calls: int, backend: str) -> dict[str, dict[str, float]]:
+    """The bare costs under every lookup, timed after the server has stopped (so they do not
+    compete with it): a loopback gRPC echo of a lookup-sized message, and one embedding."""
     with echo_server() as echo:
         payload = b"x" * 600  # about a lookup request and its hit response
         rpc = time_calls(lambda: echo(payload), calls)
-    return {"echo": percentiles_ms(rpc), "embed": percentiles_ms(embed)}
+    return {"echo": percentiles_ms(rpc), "embed": _embed_floor(texts, calls, backend)}
+
+
+def _hot_only(backend: str, hot: list[str], flags: list[str], calls: int,
+              clients: int) -> dict[str, object]:
+    """Another backend's server on the same hot entries and prompts: the hot hit's client p50
+    and the semantic throughput with ``clients`` clients."""
+    with serve(*flags, "--embed-backend", backend) as server, \
+            Client(server.target, timeout=30) as client:
+        for text in tqdm(hot, desc=f"store ({backend})", unit="entry"):
+            client.store(text, RESPONSE)
+        prompts = [t + SUFFIX for t in hot]
+        hit = _measure(client, (prompts * (calls // len(prompts) + 1))[:calls], "hot", 0.8,
+                       f"hot hit ({backend})")
+        row = asyncio.run(_concurrent(server.target, prompts, 0.8, clients,
+                                      max(calls, 8 * clients)))
+    return {"hot_hit": hit["round_trip"], "semantic": row, "start_s": server.start_s}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
                         default=[1, 4, 16, 64], help="concurrency levels, comma-separated")
     parser.add_argument("--verifier", type=Path, default=None,
                         help="verifier folder: time semantic hits with and without verification")
+    parser.add_argument("--embed-backend", type=lambda v: v.split(","), default=["onnx", "torch"],
+                        help="server embedding backends, comma-separated: the first runs "
+                             "everything, the others the hot hit and top concurrency beside it")
     parser.add_argument("--out", type=Path, default=None, help="JSON path")
     args = parser.parse_args(argv)
+    backend = args.embed_backend[0]
 
     texts = distinct_texts(load_pairs(args.data, limit=4 * (args.entries + args.calls)))
     stored, unseen = texts[:args.entries], texts[args.entries:args.entries + args.calls]
@@ -126,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     # tighten its namespace's threshold).
     flags = ["--hot-capacity", str(args.hot_capacity), "--warm-max-mib", str(args.warm_max_mib),
              "--min-similarity", "0.8"]
+    base_flags = list(flags)
     if args.verifier is not None:
         flags += ["--verifier", str(args.verifier), "--verify-threshold", "0",
                   "--verify-gate", "0.8"]
-    with serve(*flags) as server, Client(server.target, timeout=30) as client:
+    with serve(*flags, "--embed-backend", backend) as server, \
+            Client(server.target, timeout=30) as client:
         started = time.perf_counter()
         for text in tqdm(stored, desc="store", unit="entry"):
             client.store(text, RESPONSE)
@@ -182,7 +215,17 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency.append({"kind": kind, **row})
         final_stats = client.stats()
 
-    floors = _floors(stored[:args.calls], args.calls)
+    top = max(args.clients)
+    side = {backend: {"hot_hit": results["hot hit"]["round_trip"],
+                      "semantic": next(r for r in concurrency
+                                       if r["kind"] == "semantic" and r["clients"] == top),
+                      "start_s": server.start_s}}
+    for other in args.embed_backend[1:]:
+        side[other] = _hot_only(other, hot, base_flags, args.calls, top)
+    floors = _floors(stored[:args.calls], args.calls, backend)
+    for name, row in side.items():
+        row["embed_floor"] = (floors["embed"] if name == backend
+                              else _embed_floor(stored[:args.calls], args.calls, name))
     rows = []
     for label, r in results.items():
         rt, sv = r["round_trip"], r["server"]
@@ -215,13 +258,29 @@ def main(argv: list[str] | None = None) -> int:
     print(table([[r["kind"], r["clients"], r["calls"], r["per_s"], r["p50_ms"], r["p90_ms"],
                   r["p99_ms"]] for r in concurrency],
                 ["lookups", "clients", "calls", "calls/s", "p50 ms", "p90 ms", "p99 ms"]))
+    first = side[backend]
+    for row in side.values():
+        hit, floor = row["hot_hit"], row["embed_floor"]
+        row["hot_hit_p50_over_floor"] = (round(hit["p50_ms"] / (floor["p50_ms"] + floors["echo"][
+            "p50_ms"]), 2) if hit.get("n") else None)
+        row["semantic_per_s_over_first"] = round(row["semantic"]["per_s"]
+                                                 / first["semantic"]["per_s"], 2)
+    print(f"\nembedding backends side by side (same prompts; floor = that backend's embedding "
+          f"+ echo; throughput with {top} clients):")
+    print(table([[name, r["hot_hit"].get("p50_ms", "-"), r["embed_floor"]["p50_ms"],
+                  r["hot_hit_p50_over_floor"], r["semantic"]["per_s"],
+                  f"{r['semantic_per_s_over_first']:.2f}x", f"{r['start_s']:.1f}"]
+                 for name, r in side.items()],
+                ["backend", "hot hit client p50 ms", "embed floor p50 ms", "p50 / floor",
+                 f"semantic/s ({top} clients)", f"vs {backend}", "server start s"]))
     path = write_json("latency", {
         "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
         "server_start_s": server.start_s, "store_per_s": args.entries / store_s,
         "placement_after_fill": {"warm": n_warm, "cold": n_cold},
         "results": results, "concurrency": concurrency, "floors": floors,
         "verifier": None if args.verifier is None else str(args.verifier),
-        "verified_over_plain_p50": ratios, "server_stages": final_stats["stages"]}, args.out)
+        "verified_over_plain_p50": ratios, "server_stages": final_stats["stages"],
+        "embed_backend": backend, "backends": side}, args.out)
     print(f"wrote {path}")
     return 0
 

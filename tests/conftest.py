@@ -19,8 +19,15 @@ from stratacache.service import CacheServer
 
 
 @pytest.fixture(scope="session")
-def encoder() -> Encoder:
-    return Encoder("default", device="cpu")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ONNX graph cache of this test run (the default model's graph is exported once)."""
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="session")
+def encoder(onnx_cache: Path) -> Encoder:
+    """The default model as ``serve`` runs it on the CPU: ONNX Runtime, checked against torch."""
+    return Encoder("default", device="cpu", backend="onnx", cache_dir=onnx_cache)
 
 
 class RunningServer:

@@ -22,6 +22,19 @@ DEFAULT_PORT = 50551
 DEFAULT_MODEL = "default"
 #: "auto" picks CUDA when torch sees a GPU, else the CPU.
 DEFAULT_DEVICE = "auto"
+#: What computes embeddings: "auto" = ONNX Runtime on the CPU (one short text in 5.9 ms against
+#: torch's 18.6 ms on the 2-core machines here, same vectors: each start checks them against
+#: torch, and falls back to torch if they differ) and torch on CUDA; "torch"; "onnx" (refused
+#: at start if its vectors do not match torch's). The exported graph is cached in
+#: DATA_DIR/onnx/, keyed by the weights' fingerprint.
+DEFAULT_EMBED_BACKEND = "auto"
+#: Embedding precision: "auto" = float16 on CUDA (checked against float32 at start: least
+#: cosine 0.999 on fixed texts, else float32), float32 elsewhere; "float32", "float16" and
+#: "bfloat16" (the half ones on CUDA only).
+DEFAULT_EMBED_DTYPE = "auto"
+#: The values --embed-backend / --verify-backend and --embed-dtype take.
+BACKENDS = ("auto", "torch", "onnx")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 #: Cosine similarity a semantic match must reach when a Lookup gives none. Chosen on the shared
 #: QQP pairs by ``python -m benchmarks.threshold_sweep`` (see the README): the lowest threshold
@@ -56,11 +69,17 @@ DEFAULT_COLD_MAX_BYTES = 0
 #: call slot: with 1024 of each, a burst of 2,000 semantic lookups left exact lookups refused
 #: by the slot cap; with 256, 186 of 200 exact lookups in such a burst were served
 #: (benchmarks/overload.py). Calls whose deadline the queue cannot reach are refused at once.
-DEFAULT_EMBED_MAX_BATCH = 32
+DEFAULT_EMBED_MAX_BATCH = None
+#: --embed-max-batch when unset, by device: on 2 CPU cores a pass of 32 short texts already
+#: takes ~100 ms, so larger passes only make the first caller wait; a GPU pass costs about the
+#: same for 1 or 256 short texts, so there wider passes are throughput for free.
+EMBED_MAX_BATCH_CPU = 32
+EMBED_MAX_BATCH_CUDA = 256
 DEFAULT_EMBED_MAX_WAIT_MS = 0.0
 DEFAULT_EMBED_MAX_QUEUE = 256
-#: Threads torch uses inside one forward pass; 0 = torch's default (one per core), fastest on a
-#: host of its own (one text: 8.7 ms with 2 threads, 16 ms with 1 on the 2-core machines here).
+#: Threads inside one forward pass (torch's, or ONNX Runtime's session's); 0 = the library's
+#: default (one per core), fastest on a host of its own (one text with torch: 8.7 ms with 2
+#: threads, 16 ms with 1 on the 2-core machines here).
 #: On a host shared with other busy processes set 1: there, torch's spinning threads stalled
 #: single-text passes for up to ~0.5 s.
 DEFAULT_EMBED_THREADS = 0
@@ -86,6 +105,11 @@ DEFAULT_VERIFY_CANDIDATES = 1
 DEFAULT_VERIFY_MAX_BATCH = 16
 #: On the CPU the verifier runs with dynamic int8 linear layers: a pair in 7 ms instead of 13.
 DEFAULT_VERIFY_QUANTIZE = "int8"
+#: Where the verifier runs; None = the embedder's --device.
+DEFAULT_VERIFY_DEVICE = None
+#: What runs the verifier: "auto" = torch (int8 on the CPU, see below), "torch", or "onnx"
+#: (float32 ONNX Runtime graph, scores checked against torch float32 at start).
+DEFAULT_VERIFY_BACKEND = "auto"
 #: Wrong reports (Feedback with correct=false) after which an entry is deleted; each report
 #: already vetoes the entry for prompts near the reported one.
 DEFAULT_FEEDBACK_EVICT_AFTER = 3
@@ -100,6 +124,8 @@ class Settings:
     port: int = DEFAULT_PORT
     model: str = DEFAULT_MODEL
     device: str = DEFAULT_DEVICE
+    embed_backend: str = DEFAULT_EMBED_BACKEND
+    embed_dtype: str = DEFAULT_EMBED_DTYPE
     min_similarity: float = DEFAULT_MIN_SIMILARITY
     hot_capacity: int = DEFAULT_HOT_CAPACITY
     hot_max_bytes: int = DEFAULT_HOT_MAX_BYTES
@@ -108,7 +134,10 @@ class Settings:
     hnsw_ef_search: int = DEFAULT_HNSW_EF_SEARCH
     warm_max_bytes: int = DEFAULT_WARM_MAX_BYTES
     cold_max_bytes: int = DEFAULT_COLD_MAX_BYTES
-    embed_max_batch: int = DEFAULT_EMBED_MAX_BATCH
+    #: None (serve's default): per device, EMBED_MAX_BATCH_CPU / _CUDA, which ``cli.serve``
+    #: resolves once the encoder's device is known, before the engine opens. Settings built
+    #: in code default to the CPU's.
+    embed_max_batch: int | None = EMBED_MAX_BATCH_CPU
     embed_max_wait_ms: float = DEFAULT_EMBED_MAX_WAIT_MS
     embed_max_queue: int = DEFAULT_EMBED_MAX_QUEUE
     embed_threads: int = DEFAULT_EMBED_THREADS
@@ -123,6 +152,8 @@ class Settings:
     verify_candidates: int = DEFAULT_VERIFY_CANDIDATES
     verify_max_batch: int = DEFAULT_VERIFY_MAX_BATCH
     verify_quantize: str = DEFAULT_VERIFY_QUANTIZE
+    verify_device: str | None = DEFAULT_VERIFY_DEVICE
+    verify_backend: str = DEFAULT_VERIFY_BACKEND
     max_wrong_rate: float | None = None
     feedback_evict_after: int = DEFAULT_FEEDBACK_EVICT_AFTER
 
@@ -142,6 +173,11 @@ class Settings:
                 problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.verify_quantize not in ("none", "int8"):
             problems.append(f"verify_quantize must be none or int8, got {self.verify_quantize!r}")
+        for name, allowed in (("embed_backend", BACKENDS), ("verify_backend", BACKENDS),
+                              ("embed_dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                problems.append(f"{name} must be one of {', '.join(allowed)}, got "
+                                f"{getattr(self, name)!r}")
         if self.max_wrong_rate is not None and math.isfinite(self.max_wrong_rate):
             try:
                 validation.wrong_rate(self.max_wrong_rate)
@@ -152,8 +188,11 @@ class Settings:
                             f"{self.feedback_evict_after}")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
+        if self.embed_max_batch is not None and self.embed_max_batch < 1:
+            problems.append(f"embed_max_batch must be >= 1 (unset = per device), got "
+                            f"{self.embed_max_batch}")
         for name in ("hot_capacity", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
-                     "embed_max_batch", "embed_max_queue", "max_concurrent_rpcs",
+                     "embed_max_queue", "max_concurrent_rpcs",
                      "verify_candidates", "verify_max_batch"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -7,6 +7,7 @@
       cold.sqlite3       SQLite database (cold tier)
       keys.sqlite3       per-user record keys (DeleteUser destroys the user's key)
       quarantine/        damaged records set aside (only if any were found)
+      onnx/              ONNX graphs exported from the models (a cache: safe to delete)
       reindex/           only while ``stratacache reindex`` runs, or after one was interrupted
 
 Vectors from different models are not comparable, so a directory refuses to open with a model

@@ -88,7 +88,8 @@ class Engine:
         self._model_thread = model_executor()
         self._embedder: Batcher[str, np.ndarray | None] = Batcher(
             encoder.encode_whole, name="embedding", flag="--embed-max-queue",
-            max_batch=settings.embed_max_batch, max_wait_s=settings.embed_max_wait_ms / 1000,
+            max_batch=settings.embed_max_batch or encoder.max_batch,
+            max_wait_s=settings.embed_max_wait_ms / 1000,
             max_queue=settings.embed_max_queue, executor=self._model_thread)
         self._verifier: Batcher[tuple[str, str, float], float] | None = None if verifier is None else Batcher(
             lambda pairs: verifier.score(pairs).tolist(), name="verification",

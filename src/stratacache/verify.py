@@ -24,6 +24,15 @@ The decision score (what a namespace's threshold is compared with, what calibrat
 what ``LookupResult.verifier_score`` reports and what the card's ``metrics.decision`` measures)
 is a probability in [0, 1]: the fused probability when the fusion applies, else the verifier's
 own. Pairs are read in the card's order, (stored prompt, lookup prompt).
+
+Backends: torch (int8 linear layers on the CPU by default) or ONNX Runtime (a float32 graph of
+the same model, :mod:`stratacache.onnx_runtime`, its scores checked against torch float32's at
+start). ``auto`` is torch (int8 on the CPU): on the 2-core machines here, at load ~4, one pair
+took 13.8 ms with int8 torch and 13.8 ms with the float32 ONNX graph (scores within 6e-8 of
+torch float32's, int8's within 0.004), so ONNX is not faster at equal load and ``auto`` keeps
+the verifier (and its card's int8 column) as it was. Under heavy contention (load 7) torch's
+spinning threads stalled (int8: 163 ms a pair, ONNX: 18 ms): on a shared host use
+``--verify-backend onnx``.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .embed import ModelIdentity, pick_device, weights_fingerprint
+from . import onnx_runtime
+from .embed import ModelIdentity, pick_backend, pick_device, weights_fingerprint
 from .errors import InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -100,11 +110,27 @@ class Verifier:
     """One loaded cross-encoder. ``score`` blocks: call it off the event loop."""
 
     def __init__(self, folder: str | Path, *, device: str = "auto",
-                 embedder: ModelIdentity | None = None, quantize: str = "none") -> None:
-        """Loads the verifier; ``embedder``: the server's embedding model, whose cosines the
-        card's fusion may combine with the verifier's score; ``quantize="int8"``: on the CPU,
-        dynamic int8 weights for the linear layers (about 1.9x faster per pair here, scores
-        within ~0.02; calibration uses the server's own scores, so bounds stay valid)."""
+                 embedder: ModelIdentity | None = None, quantize: str = "none",
+                 backend: str = "torch", cache_dir: Path | None = None, threads: int = 0) -> None:
+        """Loads the verifier.
+
+        Args:
+            folder: the verifier folder.
+            device: auto, cpu, cuda, cuda:N.
+            embedder: the server's embedding model, whose cosines the card's fusion may
+                combine with the verifier's score.
+            quantize: ``int8``: with torch on the CPU, dynamic int8 weights for the linear
+                layers (about 1.9x faster per pair here, scores within ~0.02; calibration uses
+                the server's own scores, so bounds stay valid); ``none``.
+            backend: torch, onnx, or auto (= torch: see the module doc). ONNX scores are
+                checked against torch float32's on fixed pairs at start; a mismatch is refused.
+            cache_dir: where the exported graph is kept (None: not kept).
+            threads: ONNX Runtime threads per pass; 0 = one per core.
+
+        Raises:
+            InvalidArgument: a bad folder, device, quantize or backend value, or an ONNX graph
+                whose scores differ from torch's.
+        """
         if quantize not in ("none", "int8"):
             raise InvalidArgument(f"--verify-quantize must be none or int8, not {quantize!r}")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +156,12 @@ class Verifier:
             raise InvalidArgument(
                 f"verifier {str(path)!r} has {labels} outputs; a verifier scores a pair with one "
                 "(train one with `stratacache tune`)")
-        self.quantized = quantize == "int8" and self.device == "cpu" and self._quantize()
+        self.backend = "torch" if backend == "auto" else pick_backend(backend, self.device)
+        self._onnx: onnx_runtime.OnnxModel | None = None
+        if self.backend == "onnx":
+            self._use_onnx(path, cache_dir, threads)
+        self.quantized = (quantize == "int8" and self.device == "cpu"
+                          and self.backend == "torch" and self._quantize())
         fusion = ((card.get("metrics") or {}).get("fusion_with_base_cosine") or {}).get("weights")
         base = (card.get("base") or {}).get("fingerprint")
         self._fusion: Fusion | None = None
@@ -145,10 +176,44 @@ class Verifier:
                                          fingerprint=weights_fingerprint(path),
                                          symmetric=bool(both), fused=self._fusion is not None,
                                          int8=self.quantized)
-        log.info("loaded verifier %s on %s in %.1f s (%s order%s%s%s)", self.identity.name,
-                 self.device, time.perf_counter() - started, "both" if both else "one",
+        log.info("loaded verifier %s on %s with %s in %.1f s (%s order%s%s%s)",
+                 self.identity.name, self.device, self.backend, time.perf_counter() - started, "both" if both else "one",
                  "s" if both else "", ", fused with cosine" if self._fusion else "",
                  ", int8" if self.quantized else "")
+
+    def _use_onnx(self, path: Path, cache_dir: Path | None, threads: int) -> None:
+        """Loads (exporting if needed) the ONNX graph and checks its scores against torch's."""
+        import torch
+
+        stored = [a for a, _ in onnx_runtime.PARITY_PAIRS]
+        lookup = [b for _, b in onnx_runtime.PARITY_PAIRS]
+        reference = self._torch_scores(stored, lookup)
+        model, activation = self._model.model, self._model.activation_fn
+
+        class Scores(torch.nn.Module):
+            def __init__(self, names: list[str]) -> None:
+                super().__init__()
+                self.model, self.activation, self.names = model, activation, names
+
+            def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+                logits = self.model(**dict(zip(self.names, tensors))).logits.reshape(-1)
+                return self.activation(logits).float()
+
+        def write(out: Path) -> None:
+            sample = {k: torch.as_tensor(v) for k, v in onnx_runtime.pad_batch(
+                self._model.tokenizer, stored[:2], self._max_length, lookup[:2]).items()}
+            onnx_runtime.export(Scores(list(sample)).eval(), sample, "score", out)
+
+        self._onnx = onnx_runtime.load(cache_dir, weights_fingerprint(path),
+                                       f"verify-{onnx_runtime.config_digest(path)}", write,
+                                       threads=threads, device=self.device)
+        seen = onnx_runtime.check_scores(
+            reference, self._onnx.run(onnx_runtime.pad_batch(
+                self._model.tokenizer, stored, self._max_length, lookup)),
+            most=onnx_runtime.MAX_SCORE_DIFF_ONNX, what=f"the ONNX graph {self._onnx.path}",
+            remedy="serve with --verify-backend torch (and report the verifier folder)")
+        log.info("ONNX verifier graph %s matches torch (scores within %.2g)", self._onnx.path,
+                 seen)
 
     def _quantize(self) -> bool:
         """Dynamic int8 linear layers (torch's eager API, deprecated in favour of torchao but
@@ -232,18 +297,26 @@ class Verifier:
         """The cross-encoder's own score per ``(stored, lookup)`` pair (the mean of both orders
         when the card says so). One forward pass under inference mode: CrossEncoder.predict's batching machinery
         costs 2.5 ms a call, a fifth of a one-pair pass on the CPU."""
-        import torch
-
         first = [a for a, _ in pairs]
         second = [b for _, b in pairs]
         if self.identity.symmetric:
             first, second = first + second, second + first
-        features = self._model.tokenizer(first, second, padding=True, truncation=True,
-                                         max_length=self._max_length,
-                                         return_tensors="pt").to(self._model.model.device)
-        with torch.inference_mode():
-            logits = self._model.model(**features).logits.reshape(-1)
-            scores = self._model.activation_fn(logits).float().cpu().numpy()
+        if self._onnx is not None:
+            scores = self._onnx.run(onnx_runtime.pad_batch(self._model.tokenizer, first,
+                                                           self._max_length, second))
+        else:
+            scores = self._torch_scores(first, second)
         if self.identity.symmetric:
             scores = (scores[:len(pairs)] + scores[len(pairs):]) / 2
         return scores.astype(np.float32)
+
+    def _torch_scores(self, first: Sequence[str], second: Sequence[str]) -> np.ndarray:
+        """The torch model's score per (first, second) pair, in one pass."""
+        import torch
+
+        features = self._model.tokenizer(list(first), list(second), padding=True,
+                                         truncation=True, max_length=self._max_length,
+                                         return_tensors="pt").to(self._model.model.device)
+        with torch.inference_mode():
+            logits = self._model.model(**features).logits.reshape(-1)
+            return self._model.activation_fn(logits).float().cpu().numpy()
