@@ -9,10 +9,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
+#include "stratacache/codes.hpp"
 #include "stratacache/kernel.hpp"
 
 namespace py = pybind11;
@@ -125,6 +128,78 @@ py::array_t<float> inner_products(const py::object& queries, const py::object& m
     return out;
 }
 
+
+// A C-contiguous numpy array of exactly `ndim` dimensions and dtype T, or a ValueError naming
+// `name` that says how to fix it.
+template <class T>
+py::array_t<T> checked(const py::object& obj, const char* name, py::ssize_t ndim,
+                       const char* dtype) {
+    const std::string n(name);
+    if (!py::isinstance<py::array_t<T>>(obj)) {
+        throw std::invalid_argument(n + " must be a numpy " + dtype + " array: pass np.asarray(" +
+                                    n + ", dtype=np." + dtype + ")");
+    }
+    auto a = py::reinterpret_borrow<py::array_t<T>>(obj);
+    if (a.ndim() != ndim) {
+        throw std::invalid_argument(n + " must be " + std::to_string(ndim) + "-D, got shape " +
+                                    shape_str(a));
+    }
+    if (!(a.flags() & py::array::c_style)) {
+        throw std::invalid_argument(n + " must be C-contiguous: pass np.ascontiguousarray(" + n +
+                                    ")");
+    }
+    return a;
+}
+
+py::tuple search_codes(const py::object& query, const py::object& query_bits,
+                       const py::object& bits, const py::object& values, py::ssize_t k,
+                       py::ssize_t candidates, py::ssize_t threads) {
+    if (k < 1) throw std::invalid_argument("k must be >= 1, got " + std::to_string(k));
+    if (candidates < 1) {
+        throw std::invalid_argument("candidates must be >= 1, got " + std::to_string(candidates));
+    }
+    if (threads < 1) throw std::invalid_argument("threads must be >= 1, got " + std::to_string(threads));
+    const auto q = checked<float>(query, "query", 1, "float32");
+    const auto qb = checked<std::uint8_t>(query_bits, "query_bits", 1, "uint8");
+    const auto b = checked<std::uint8_t>(bits, "bits", 2, "uint8");
+    const auto v = checked<std::uint8_t>(values, "values", 2, "uint8");
+    const auto dim = static_cast<std::size_t>(q.shape(0));
+    if (dim == 0) throw std::invalid_argument("query must have dimension >= 1");
+    const std::size_t nb = stratacache::code_bits_bytes(dim);
+    if (static_cast<std::size_t>(qb.shape(0)) != nb || static_cast<std::size_t>(b.shape(1)) != nb) {
+        throw std::invalid_argument("query_bits and bits rows must have " + std::to_string(nb) +
+                                    " bytes for a query of dimension " + std::to_string(dim) +
+                                    ", got " + std::to_string(qb.shape(0)) + " and " +
+                                    std::to_string(b.shape(1)));
+    }
+    if (b.shape(0) != v.shape(0)) {
+        throw std::invalid_argument("bits has " + std::to_string(b.shape(0)) + " rows but values has " +
+                                    std::to_string(v.shape(0)));
+    }
+    if (reinterpret_cast<std::uintptr_t>(b.data()) % 8 != 0) {
+        throw std::invalid_argument("bits data is not aligned to 8 bytes: pass bits.copy()");
+    }
+    const auto n_rows = static_cast<std::size_t>(b.shape(0));
+    if (n_rows > 0xFFFFFFFFu) throw std::invalid_argument("bits has more than 2^32 rows");
+    std::vector<std::uint64_t> qwords(nb / 8);
+    std::memcpy(qwords.data(), qb.data(), nb);  // an aligned copy of the query's bits
+    const std::size_t most = std::min<std::size_t>(static_cast<std::size_t>(k), n_rows);
+    py::array_t<std::int64_t> idx(static_cast<py::ssize_t>(most));
+    py::array_t<float> score(static_cast<py::ssize_t>(most));
+    std::size_t found = 0;
+    {
+        py::gil_scoped_release release;
+        found = stratacache::search_codes(
+            q.data(), qwords.data(), reinterpret_cast<const std::uint64_t*>(b.data()), v.data(),
+            n_rows, static_cast<std::size_t>(v.shape(1)), dim, static_cast<std::size_t>(candidates),
+            static_cast<std::size_t>(k), static_cast<std::size_t>(threads), idx.mutable_data(),
+            score.mutable_data());
+    }
+    idx.resize({static_cast<py::ssize_t>(found)});
+    score.resize({static_cast<py::ssize_t>(found)});
+    return py::make_tuple(std::move(idx), std::move(score));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -149,6 +224,19 @@ PYBIND11_MODULE(_core, m) {
           "\n"
           "All inner products: float32 array of shape (n_queries, n_rows) with\n"
           "scores[i, j] = queries[i] . matrix[j]. `queries` is (dim,) or (n_queries, dim).");
+    m.def("search_codes", &search_codes, py::arg("query"), py::arg("query_bits"),
+          py::arg("bits"), py::arg("values"), py::arg("k"), py::arg("candidates"),
+          py::arg("threads") = 1,
+          "search_codes(query, query_bits, bits, values, k, candidates, threads=1)\n"
+          "    -> (indices, scores)\n"
+          "\n"
+          "Approximate top-k over compact codes (layout in cpp/include/stratacache/codes.hpp):\n"
+          "`bits` uint8 (n_rows, 8*ceil(dim/64)) sign bits, `values` uint8 (n_rows, >= dim+4)\n"
+          "int8 components then a float32 scale. The `candidates` rows whose sign bits are\n"
+          "nearest `query_bits` (Hamming) are ranked by `query` (float32, (dim,)) against their\n"
+          "int8 components times their scale. Returns\n"
+          "int64 row indices and float32 estimated scores, best first, at most\n"
+          "min(k, candidates, n_rows). `threads` bounds the threads of the bit scan.");
     m.def("simd_isa", &stratacache::simd_isa,
           "Name of the SIMD path in use: 'avx512', 'avx2', 'neon' or 'scalar'.");
 }

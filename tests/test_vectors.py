@@ -1,8 +1,6 @@
-"""VectorMatrix: the exact search used by small hot partitions and the warm tier."""
+"""VectorMatrix: the exact search used by small hot partitions."""
 
 from __future__ import annotations
-
-import asyncio
 
 import numpy as np
 
@@ -31,7 +29,6 @@ def test_add_remove_search_match_numpy() -> None:
     assert [c.entry_id for c in found] == [f"id{i}" for i in expected]
     np.testing.assert_allclose([c.similarity for c in found],
                                [vectors[i] @ query for i in expected], rtol=1e-5)
-    assert asyncio.run(matrix.search_off_loop(query, 5)) == found
     assert VectorMatrix(97).search(query, 5) == []
 
 

@@ -2,9 +2,11 @@
 
 The schema keeps what queries filter on in columns (partition, exact key, namespace, template,
 user, expiry) and the rest as the shared record encoding, so a shared SQL engine could back the
-same table later. Vectors have their own column; a search reads one partition's vectors and
-scans them with the native kernel (cold means rarely searched: partitions the hot tier covers
-fully never reach it).
+same table later. Vectors have their own column. A small partition (under CODES_MIN_ROWS) is
+searched by reading its vectors and scanning them with the native kernel; a larger one through
+compact codes (``tiers.codes``) built on its first search and kept in step with every insert and
+delete from then on: candidates from the codes, the best few re-scored against their vectors
+read by rowid. Memory per indexed entry: its codes (440 bytes at 384 dimensions) and its rowid.
 
 One thread owns the connection: every call runs there, in order, so a search never sees a
 half-applied change, and the event loop never waits on disk. WAL with synchronous=FULL: a
@@ -14,9 +16,12 @@ committed move is durable before the warm copy is deleted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import queue
 import sqlite3
+import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +35,13 @@ from .. import _core
 from ..errors import StorageFailed, StorageFull
 from ..keyring import KeyRing
 from ..records import CorruptRecord, Entry, EntryInfo, Tier as TierKind, decode, encode
+from . import codes
 from .base import Candidate, Filter, Quarantine
+from .codes import CodeMatrix
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -58,11 +67,17 @@ CREATE INDEX IF NOT EXISTS entries_created ON entries(created_at);
 """
 
 _NOT_EXPIRED = "(expires_at IS NULL OR expires_at > ?)"
+_INSERT = "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+#: Rows read at a time while building a partition's codes.
+_BUILD_CHUNK = 65536
 #: Eviction starts when the footprint passes HIGH_WATERMARK of the budget and ends at
 #: LOW_WATERMARK; the WAL is checkpointed and cut back at WAL_SHARE of it.
 HIGH_WATERMARK = 0.9
 LOW_WATERMARK = 0.8
 WAL_SHARE = 1 / 16
+#: Partitions with at least this many entries are searched through codes kept in memory; a
+#: smaller one is read whole from SQLite on each search (256 vectors: about 1 ms).
+CODES_MIN_ROWS = 256
 
 
 class ColdTier:
@@ -92,6 +107,10 @@ class ColdTier:
         self._path = path
         self._wal_peak = 0  # bytes; read and written on the tier's thread only
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cold")
+        # Codes of the large partitions searched so far, keyed by rowid; only the tier's thread
+        # reads or changes them.
+        self._codes: dict[bytes, CodeMatrix] = {}
+        self._coding: list[tuple[bytes, int, bytes | None]] = []  # see _transaction
         self._db = self._executor.submit(self._connect, path, max_bytes).result()
         # Per-partition entry counts, kept on the event loop, so lookups skip empty partitions
         # without a query.
@@ -161,11 +180,19 @@ class ColdTier:
 
     async def search(self, partition: bytes, query: np.ndarray, k: int,
                      now: float) -> list[Candidate]:
-        if not self._counts.get(partition):
+        count = self._counts.get(partition, 0)
+        if not count:
             return []
-        return await self._run(self._search, partition, query, k, now)
+        return await self._run(self._search, partition, count, query, k, now)
 
-    def _search(self, partition: bytes, query: np.ndarray, k: int, now: float) -> list[Candidate]:
+    def _search(self, partition: bytes, count: int, query: np.ndarray, k: int,
+                now: float) -> list[Candidate]:
+        matrix = self._codes.get(partition)
+        if matrix is None and count >= CODES_MIN_ROWS:
+            matrix = self._build_codes(partition)
+        if matrix is not None:
+            found = matrix.search(query, codes.rescored(k) + 8)  # room for a few expired
+            return codes.exact_top_k(found, k, lambda rowids: self._vectors(rowids, now), query)
         rows = self._db.execute(
             f"SELECT id, vector FROM entries WHERE partition = ? AND {_NOT_EXPIRED}",
             (partition, now)).fetchall()
@@ -177,6 +204,30 @@ class ColdTier:
         matrix = np.frombuffer(b"".join(v for _, v in rows), dtype="<f4").reshape(len(rows), -1)
         idx, scores = _core.topk_ip(query, matrix, k)
         return [Candidate(rows[i][0], float(s)) for i, s in zip(idx[0], scores[0])]
+
+    def _vectors(self, rowids: Sequence[object], now: float) -> list[tuple[str, np.ndarray]]:
+        """(id, vector) of the unexpired rows among ``rowids`` with a well-formed vector."""
+        rows = self._db.execute(
+            f"SELECT id, vector FROM entries WHERE rowid IN ({','.join('?' * len(rowids))}) "
+            f"AND {_NOT_EXPIRED}", (*rowids, now)).fetchall()
+        return [(i, np.frombuffer(v, dtype="<f4")) for i, v in rows
+                if len(v) == 4 * self.dimension]
+
+    def _build_codes(self, partition: bytes) -> CodeMatrix:
+        """The partition's codes, built from its vectors (kept up to date from now on)."""
+        started = time.perf_counter()
+        matrix = CodeMatrix(self.dimension)
+        rows = self._db.execute("SELECT rowid, vector FROM entries WHERE partition = ?",
+                                (partition,))
+        while chunk := rows.fetchmany(_BUILD_CHUNK):
+            chunk = [r for r in chunk if len(r[1]) == 4 * self.dimension]
+            if chunk:
+                matrix.add([r[0] for r in chunk], np.frombuffer(
+                    b"".join(r[1] for r in chunk), dtype="<f4").reshape(len(chunk), -1))
+        self._codes[partition] = matrix
+        log.info("cold tier: indexed a partition of %d entries in %.2f s (%.0f MiB of codes)",
+                 len(matrix), time.perf_counter() - started, matrix.nbytes() / (1 << 20))
+        return matrix
 
     async def infos(self, where: Filter) -> list[EntryInfo]:
         def select() -> list[EntryInfo]:
@@ -229,11 +280,43 @@ class ColdTier:
         footprint after (0 without a budget). Encodes here, on the tier's thread: a user's
         first record creates its key (an fsync)."""
         rows = [_row(e, self._keys) for e in entries]
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._transaction():
             replaced = self._delete_rows([row[0] for row in rows] + replacing)
-            self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            for row in rows:
+                rowid = self._db.execute(_INSERT, row).lastrowid
+                if row[2] in self._codes:
+                    self._coding.append((row[2], rowid, row[10]))
         return rows, replaced, self._footprint() if self.max_bytes else 0
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One SQLite transaction; the codes follow its inserts and deletes (queued in
+        ``_coding`` as (partition, rowid, vector bytes, or None for a delete)) once it commits,
+        and never if it rolls back."""
+        self._coding = []
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                yield
+            changes = self._coding
+        finally:
+            self._coding = []
+        added: dict[bytes, list[tuple[int, bytes]]] = {}
+        gone: dict[bytes, list[int]] = {}
+        for partition, rowid, vector in changes:
+            if partition in self._codes:
+                if vector is None:
+                    gone.setdefault(partition, []).append(rowid)
+                else:
+                    added.setdefault(partition, []).append((rowid, vector))
+        for partition, rowids in gone.items():
+            self._codes[partition].remove(rowids)
+        for partition, group in added.items():
+            self._codes[partition].add([r for r, _ in group], np.frombuffer(
+                b"".join(v for _, v in group), dtype="<f4").reshape(len(group), -1))
+        for partition in gone.keys() - added.keys():
+            if len(self._codes[partition]) < CODES_MIN_ROWS // 2:
+                del self._codes[partition]  # small again: read whole on each search
 
     async def remove(self, ids: Collection[str]) -> list[str]:
         """Removes entries; returns the ids that were here."""
@@ -248,8 +331,7 @@ class ColdTier:
         return [entry_id for entry_id, _, _ in removed]
 
     def _delete(self, ids: list[str]) -> list[tuple[str, bytes, int]]:
-        with self._db:
-            self._db.execute("BEGIN")
+        with self._transaction():
             return self._delete_rows(ids)
 
     def _delete_rows(self, ids: list[str]) -> list[tuple[str, bytes, int]]:
@@ -257,10 +339,12 @@ class ColdTier:
         row that existed."""
         removed = []
         for entry_id in ids:
-            row = self._db.execute("DELETE FROM entries WHERE id = ? RETURNING partition, size",
-                                   (entry_id,)).fetchone()
+            row = self._db.execute("DELETE FROM entries WHERE id = ? "
+                                   "RETURNING partition, size, rowid", (entry_id,)).fetchone()
             if row:
                 removed.append((entry_id, row[0], row[1]))
+                if row[0] in self._codes:
+                    self._coding.append((row[0], row[2], None))
         return removed
 
     def _uncount(self, removed: list[tuple[str, bytes, int]]) -> None:
@@ -410,8 +494,7 @@ class BulkWriter:
 
     def put(self, entries: Sequence[Entry]) -> None:
         self._db.execute("BEGIN")
-        self._db.executemany("INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                             [_row(e, self._keys) for e in entries])
+        self._db.executemany(_INSERT, [_row(e, self._keys) for e in entries])
         self._db.execute("COMMIT")
 
     def close(self) -> None:

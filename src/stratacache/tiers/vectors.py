@@ -1,12 +1,10 @@
 """A growable float32 matrix of entry vectors with exact top-k search by the native kernel.
 
-Used wherever a set of vectors is small enough, or cold enough, that an exact scan is the right
-search: the hot tier's small partitions and the warm tier's in-memory copy of its vectors.
+Used where a set of vectors is small enough that an exact scan is the right search: the hot
+tier's small partitions (the warm and cold tiers search compact codes instead: ``tiers.codes``).
 """
 
 from __future__ import annotations
-
-import asyncio
 
 import numpy as np
 
@@ -65,14 +63,6 @@ class VectorMatrix:
     def search(self, query: np.ndarray, k: int) -> list[Candidate]:
         """The ``k`` rows most similar to ``query`` (cosine, best first)."""
         return _top_k(self._ids, self._data[:len(self._ids)], query, k)
-
-    async def search_off_loop(self, query: np.ndarray, k: int) -> list[Candidate]:
-        """As :meth:`search`, with the scan on a worker thread (the kernel releases the GIL) so
-        a large matrix does not stall the event loop. The scan sees a snapshot of the ids; rows
-        changed meanwhile can make a candidate's score stale, so callers re-score what they
-        serve (the engine does)."""
-        ids = list(self._ids)
-        return await asyncio.to_thread(_top_k, ids, self._data[:len(ids)], query, k)
 
 
 def _top_k(ids: list[str], vectors: np.ndarray, query: np.ndarray, k: int) -> list[Candidate]:

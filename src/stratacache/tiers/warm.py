@@ -1,10 +1,12 @@
-"""Warm tier: entries in LMDB on local disk, their vectors also in memory for exact search.
+"""Warm tier: entries in LMDB on local disk, searched through compact codes kept in memory.
 
 Writes run on one dedicated thread (LMDB allows one writer; the event loop never waits on an
 fsync) and commit synchronously, so an entry written here is durable. Reads of single entries
 are memory-mapped and fast enough to run on the event loop. What the tier must know about an
 entry without reading it (partition, expiry, template, user, size) is kept in memory and rebuilt
-from the file at start-up.
+from the file at start-up. So are the entries' compact codes (``tiers.codes``: 440 bytes an
+entry at 384 dimensions, no float32 vector): a search finds candidates with them and re-scores
+the best few against the exact vectors read back from LMDB.
 
 The tier is bounded by ``max_bytes``, a budget for its file. What counts is the larger of an
 estimate from the entries' sizes (LMDB stores values over about half a page in whole overflow
@@ -33,7 +35,8 @@ from ..errors import StorageFailed, StorageFull
 from ..keyring import KeyRing
 from ..records import CorruptRecord, Entry, EntryInfo, KeyDestroyed, Tier as TierKind, decode, encode
 from .base import Candidate, Filter, Quarantine
-from .vectors import VectorMatrix
+from . import codes
+from .codes import CodeMatrix
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +48,9 @@ LOW_WATERMARK = 0.75
 #: Demotion starts when the file's pages in use pass this share of the budget: the rest is room
 #: for the free pages LMDB's copy-on-write keeps, so the file itself stays within the budget.
 HIGH_WATERMARK = 0.85
-#: Partitions with at least this many entries are scanned on a worker thread (about 1.5 ms of
-#: scan at 384 dimensions), smaller ones inline: a thread hop costs more than a small scan.
-OFF_LOOP_ROWS = 8192
+#: Partitions with at least this many entries are searched on a worker thread (about 0.3 ms of
+#: code scan), smaller ones inline: a thread hop costs more than a small scan.
+OFF_LOOP_ROWS = 65536
 
 
 def _stored_size(key_len: int, value_len: int) -> int:
@@ -84,7 +87,7 @@ class WarmTier:
         self._infos: dict[str, EntryInfo] = {}
         self._recency: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._exact: dict[bytes, str] = {}
-        self._partitions: dict[bytes, VectorMatrix] = {}
+        self._partitions: dict[bytes, CodeMatrix] = {}
         self.bytes = 0
         self._load()
 
@@ -106,8 +109,8 @@ class WarmTier:
             self._quarantine.keep("warm", [(k.decode(errors="replace"), v, e)
                                            for k, v, e in unreadable])
             self._write([([], [k for k, _, _ in unreadable], None)])
-        for _, entry, size in sorted(loaded, key=lambda t: t[0]):
-            self._index(entry, size)
+        loaded.sort(key=lambda t: t[0])
+        self._index_many([(entry, size) for _, entry, size in loaded])
         if loaded:
             log.info("warm tier: loaded %d entries (%.1f MiB) in %.2f s", len(loaded),
                      self.bytes / (1 << 20), time.perf_counter() - started)
@@ -176,18 +179,43 @@ class WarmTier:
 
     async def search(self, partition: bytes, query: np.ndarray, k: int,
                      now: float) -> list[Candidate]:
-        """Exact top-``k`` of the partition, expired entries left out. Large partitions are
-        scanned off the event loop (see ``VectorMatrix.search_off_loop``)."""
+        """Top-``k`` of the partition by exact similarity, expired entries left out: candidates
+        from the codes (large partitions searched off the event loop), the best few re-scored
+        against their vectors read from LMDB.
+
+        Raises:
+            StorageFailed: LMDB could not read them.
+        """
         matrix = self._partitions.get(partition)
         if matrix is None:
             return []
-        want = k + 8  # room for a few expired entries
+        want = codes.rescored(k) + 8  # room for a few expired entries
         if len(matrix) < OFF_LOOP_ROWS:
             found = matrix.search(query, want)
         else:
-            found = await matrix.search_off_loop(query, want)
-        return [c for c in found
-                if c.entry_id in self._infos and not _expired(self._infos[c.entry_id], now)][:k]
+            # Changes meanwhile can make a key stale; what is read back below is current.
+            found = await asyncio.to_thread(matrix.search, query, want)
+        return codes.exact_top_k(found, k, lambda ids: self._vectors(ids, now), query)
+
+    def _vectors(self, ids: Sequence[str], now: float) -> list[tuple[str, np.ndarray]]:
+        """(id, vector) of the unexpired entries among ``ids`` that are here and readable
+        (damaged ones are left to :meth:`read`, which sets them aside when one is served)."""
+        live = [i for i in ids if i in self._infos and not _expired(self._infos[i], now)]
+        out = []
+        try:
+            with self._env.begin(db=self._db, buffers=True) as txn:
+                for entry_id in live:
+                    value = txn.get(entry_id.encode())
+                    if value is None:
+                        continue
+                    try:
+                        out.append((entry_id, self._decode(entry_id.encode(), value,
+                                                           with_response=False).vector))
+                    except CorruptRecord:
+                        continue
+        except lmdb.Error as exc:
+            raise StorageFailed(f"warm tier (LMDB) read failed: {exc}") from exc
+        return out
 
     def touch(self, entry_id: str) -> None:
         """Marks an entry as just used (it was served from the hot tier)."""
@@ -251,11 +279,9 @@ class WarmTier:
         # Replaced entries stay visible until the new ones are durable: a failed write loses
         # nothing.
         await self._commit(encoded, [g.encode() for g in gone])
-        for entry_id in gone:
-            if entry_id in self._infos:
-                self._unindex(entry_id)
-        for entry, (key, value) in zip(entries, encoded):
-            self._index(entry, _stored_size(len(key), len(value)))
+        self._unindex_many([i for i in gone if i in self._infos])
+        self._index_many([(entry, _stored_size(len(key), len(value)))
+                          for entry, (key, value) in zip(entries, encoded)])
 
     async def _commit(self, puts: list[tuple[bytes, bytes]], deletes: list[bytes]) -> None:
         """Applies deletes then puts durably. Group commit: writes that arrive while a
@@ -328,14 +354,13 @@ class WarmTier:
         if not gone:
             return []
         sizes = {i: self._infos[i].size for i in gone}
-        for entry_id in gone:
-            self._unindex(entry_id)
+        self._unindex_many(gone)
         try:
             await self._commit([], [g.encode() for g in gone])
         except Exception:
             # Not deleted after all: let lookups see them again, as the file still has them.
-            for entry in self.read_many([g for g in gone if g not in self._infos]):
-                self._index(entry, sizes[entry.id])
+            self._index_many([(entry, sizes[entry.id]) for entry in
+                              self.read_many([g for g in gone if g not in self._infos])])
             raise
         return gone
 
@@ -344,29 +369,41 @@ class WarmTier:
         as by :meth:`read`)."""
         return [e for e in map(self.read, ids) if e is not None]
 
-    def _index(self, entry: Entry, size: int) -> None:
-        if entry.id in self._infos:
-            self._unindex(entry.id)
-        info = EntryInfo.of(entry, size)
-        self._infos[entry.id] = info
-        self._recency[entry.id] = None
-        self._exact[entry.exact_key] = entry.id
-        matrix = self._partitions.get(entry.partition)
-        if matrix is None:
-            matrix = self._partitions[entry.partition] = VectorMatrix(self.dimension)
-        matrix.add(entry.id, entry.vector)
-        self.bytes += size
+    def _index_many(self, entries: Sequence[tuple[Entry, int]]) -> None:
+        """Lets lookups see ``(entry, stored size)``s (replacing any with the same id); codes
+        are added a partition at a time."""
+        entries = list({e.id: (e, size) for e, size in entries}.values())  # one row an id
+        self._unindex_many([e.id for e, _ in entries if e.id in self._infos])
+        by_partition: dict[bytes, list[Entry]] = {}
+        for entry, size in entries:
+            self._infos[entry.id] = EntryInfo.of(entry, size)
+            self._recency[entry.id] = None
+            self._exact[entry.exact_key] = entry.id
+            self.bytes += size
+            by_partition.setdefault(entry.partition, []).append(entry)
+        for partition, group in by_partition.items():
+            matrix = self._partitions.get(partition)
+            if matrix is None:
+                matrix = self._partitions[partition] = CodeMatrix(self.dimension)
+            matrix.add([e.id for e in group], np.stack([e.vector for e in group]))
 
     def _unindex(self, entry_id: str) -> None:
-        info = self._infos.pop(entry_id)
-        del self._recency[entry_id]
-        if self._exact.get(info.exact_key) == entry_id:
-            del self._exact[info.exact_key]
-        matrix = self._partitions[info.partition]
-        matrix.remove(entry_id)
-        if not len(matrix):
-            del self._partitions[info.partition]
-        self.bytes -= info.size
+        self._unindex_many([entry_id])
+
+    def _unindex_many(self, ids: Sequence[str]) -> None:
+        by_partition: dict[bytes, list[str]] = {}
+        for entry_id in ids:
+            info = self._infos.pop(entry_id)
+            del self._recency[entry_id]
+            if self._exact.get(info.exact_key) == entry_id:
+                del self._exact[info.exact_key]
+            self.bytes -= info.size
+            by_partition.setdefault(info.partition, []).append(entry_id)
+        for partition, gone in by_partition.items():
+            matrix = self._partitions[partition]
+            matrix.remove(gone)
+            if not len(matrix):
+                del self._partitions[partition]
 
     def file_bytes(self) -> int:
         info = self._env.info()
