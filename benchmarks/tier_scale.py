@@ -23,9 +23,11 @@ cold (SQLite) tiers, starts a real server on it, and sends lookups of held-out q
   over every stored vector (computed here with ``_core.topk_ip`` on the same vectors, the query
   embedded by the same model and backend here): found when within ``--tolerance`` (1e-4: the
   backends' thread scheduling moves the last digits). Also the largest shortfall.
-- **memory.** The server's resident memory after the warm-up, less that of the same server on
-  an empty data directory, per entry (so the model and the process count once), and the
-  codes' own bytes per entry.
+- **memory.** The server's anonymous resident memory (RssAnon: what the process itself holds;
+  file pages LMDB and SQLite map are the kernel's page cache, reported beside it as VmRSS)
+  after the warm-up, less that of the same server on an empty data directory after the same
+  lookups, per entry (so the model and the process count once), and the codes' own bytes per
+  entry.
 - **floors**, in the same run: one embedding (this process, same model and backend) and a bare
   gRPC echo; the target is miss p50 <= embedding + echo + 10 ms.
 
@@ -92,6 +94,7 @@ def synthesize(base: np.ndarray, n: int, noise: float, seed: int) -> np.ndarray:
 
 def fill(data_dir: Path, encoder: Encoder, vectors: np.ndarray, warm_share: float) -> dict:
     """Writes ``vectors`` as entries of one partition: the oldest to cold, the newest to warm."""
+    data_dir.mkdir(parents=True)
     datadir.write_manifest(data_dir / datadir.MANIFEST, encoder.identity)
     n = len(vectors)
     n_warm = int(n * warm_share)
@@ -134,7 +137,7 @@ def misses(client: Client, prompts: list[str]) -> tuple[list[float], list[float]
 
 
 def run_size(n: int, args: argparse.Namespace, encoder: Encoder, base: np.ndarray,
-             queries: list[str], query_vectors: np.ndarray, baseline_rss: int,
+             queries: list[str], query_vectors: np.ndarray, baseline: dict[str, int],
              work: Path) -> dict[str, Any]:
     data_dir = work / f"data-{n}"
     vectors = synthesize(base, n, args.noise, seed=n)
@@ -142,11 +145,12 @@ def run_size(n: int, args: argparse.Namespace, encoder: Encoder, base: np.ndarra
     warm_mib = max(64, 4 * (data_dir / datadir.WARM / "data.mdb").stat().st_size >> 20)
     with serve("--warm-max-mib", str(warm_mib), "--hot-capacity", "1000", *args.server_flag,
                data_dir=data_dir) as server, Client(server.target) as client:
+        at_start = memory(data_dir)
         started = time.perf_counter()
         misses(client, queries[:5])  # the cold tier builds the partition's codes
         first_s = time.perf_counter() - started
         misses(client, queries)  # warm-up
-        rss = memory(data_dir).get("VmRSS", 0)
+        held = memory(data_dir)
         seconds, best = misses(client, queries)
         stats = client.stats()
         assert stats["warm"]["entries"] + stats["cold"]["entries"] == n, stats
@@ -158,7 +162,9 @@ def run_size(n: int, args: argparse.Namespace, encoder: Encoder, base: np.ndarra
         "search_warm": stage(stats, "search_warm"), "search_cold": stage(stats, "search_cold"),
         "recall_at_1": round(float(np.mean(shortfall <= args.tolerance)), 4),
         "max_shortfall": round(float(shortfall.max()), 5),
-        "rss_bytes": rss, "bytes_per_entry": round((rss - baseline_rss) / n, 1),
+        "memory_at_start": at_start, "memory": held,
+        "bytes_per_entry": round((held.get("RssAnon", 0) - baseline["RssAnon"]) / n, 1),
+        "rss_bytes_per_entry": round((held.get("VmRSS", 0) - baseline["VmRSS"]) / n, 1),
         "code_bytes_per_entry": codes.row_bytes(vectors.shape[1]),
         "disk_bytes_per_entry": round(sum(
             p.stat().st_size for p in data_dir.rglob("*") if p.is_file()) / n, 1),
@@ -169,10 +175,11 @@ def summary(results: list[dict[str, Any]], floor_ms: float) -> str:
     rows = [[f"{r['entries']:,}", f"{r['warm']:,}/{r['cold']:,}", r["fill_s"], r["start_s"],
              r["miss"]["p50_ms"], r["miss"]["p99_ms"], round(r["miss"]["p50_ms"] - floor_ms, 2),
              r["search_warm"].get("p50_ms"), r["search_cold"].get("p50_ms"), r["recall_at_1"],
-             r["bytes_per_entry"], r["disk_bytes_per_entry"]] for r in results]
+             r["bytes_per_entry"], r["rss_bytes_per_entry"], r["disk_bytes_per_entry"]]
+            for r in results]
     return table(rows, ["entries", "warm/cold", "fill s", "start s", "miss p50 ms",
                         "miss p99 ms", "p50 - floor", "warm p50", "cold p50", "recall@1",
-                        "RAM B/entry", "disk B/entry"])
+                        "anon B/entry", "RSS B/entry", "disk B/entry"])
 
 
 def plot(results: list[dict[str, Any]], floor_ms: float, path: Path) -> None:
@@ -190,7 +197,8 @@ def plot(results: list[dict[str, Any]], floor_ms: float, path: Path) -> None:
     lat.axhline(floor_ms + 10, color="red", ls=":", label="target: floor + 10 ms")
     lat.set(xscale="log", xlabel="entries in the partition", ylabel="ms", title="miss latency")
     lat.legend(fontsize=8)
-    mem.plot(n, [r["bytes_per_entry"] for r in results], "o-", label="server RAM per entry")
+    mem.plot(n, [r["bytes_per_entry"] for r in results], "o-", label="server anonymous memory")
+    mem.plot(n, [r["rss_bytes_per_entry"] for r in results], "^-", label="server RSS (with page cache)")
     mem.axhline(600, color="red", ls=":", label="target: 600 B")
     mem.axhline(results[0]["code_bytes_per_entry"], color="grey", ls="--", label="codes")
     mem.set(xscale="log", xlabel="entries in the partition", ylabel="bytes",
@@ -247,10 +255,10 @@ def main(argv: list[str] | None = None) -> int:
         with serve(*args.server_flag, data_dir=work / "empty") as server, \
                 Client(server.target) as client:
             misses(client, queries)  # the same calls, so the same allocations, as below
-            baseline_rss = memory(work / "empty").get("VmRSS", 0)
-        payload["baseline_rss_bytes"] = baseline_rss
+            baseline = memory(work / "empty")
+        payload["baseline_memory"] = baseline
         for n in sizes:
-            result = run_size(n, args, encoder, base, queries, query_vectors, baseline_rss, work)
+            result = run_size(n, args, encoder, base, queries, query_vectors, baseline, work)
             payload["results"].append(result)
             write_json("tier_scale", payload, args.out)
             print(summary([result], floor_ms), flush=True)

@@ -40,6 +40,8 @@ SCAN_THREADS = 2
 _INITIAL_ROWS = 1
 _LARGE_ROWS = 4096
 _LARGE_GROWTH = 1.25
+#: Rows encoded at a time.
+_ENCODE_ROWS = 4096
 
 
 def bits_bytes(dimension: int) -> int:
@@ -84,77 +86,103 @@ def candidates_for(rows: int) -> int:
 
 
 class CodeMatrix:
-    """Code rows keyed by any hashable key (an entry id, a row id); removal swaps the last row
-    in. Holds no float32 vector. Not thread-safe: each tier calls it from one thread."""
+    """Code rows keyed by entry ids (str) or, with ``int_keys``, by int64 row ids kept in an
+    array (8 bytes a key instead of about 36 for a Python int in a list); removal swaps the
+    last row in. Holds no float32 vector. Not thread-safe: each tier calls it from one thread.
+    """
 
-    def __init__(self, dimension: int) -> None:
+    def __init__(self, dimension: int, *, int_keys: bool = False) -> None:
         self.dimension = dimension
+        self._n = 0
         self._bits = np.empty((_INITIAL_ROWS, bits_bytes(dimension)), dtype=np.uint8)
         self._values = np.empty((_INITIAL_ROWS, values_bytes(dimension)), dtype=np.uint8)
-        self._keys: list[Hashable] = []
+        self._keys: list[Hashable] | np.ndarray = (
+            np.empty(_INITIAL_ROWS, dtype=np.int64) if int_keys else [])
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return self._n
 
     def nbytes(self) -> int:
-        """Memory of the codes, spare capacity included (not the keys)."""
-        return self._bits.nbytes + self._values.nbytes
+        """Memory of the codes (and of int keys), spare capacity included."""
+        keys = self._keys.nbytes if isinstance(self._keys, np.ndarray) else 0
+        return self._bits.nbytes + self._values.nbytes + keys
 
     def add(self, keys: Sequence[Hashable], vectors: np.ndarray) -> None:
         """Appends rows for ``keys`` (new keys: the caller removes a key before re-adding it)."""
         if not len(keys):
             return
-        n = len(self._keys)
-        need = n + len(keys)
+        n, need = self._n, self._n + len(keys)
         if need > self._bits.shape[0]:
             grow = 2 if need <= _LARGE_ROWS else _LARGE_GROWTH
             self._resize(max(need, int(self._bits.shape[0] * grow)))
-        self._bits[n:need], self._values[n:need] = encode(vectors)
-        self._keys.extend(keys)
+        for start in range(0, need - n, _ENCODE_ROWS):  # bounded temporaries (~10 MB)
+            stop = min(need - n, start + _ENCODE_ROWS)
+            self._bits[n + start:n + stop], self._values[n + start:n + stop] = encode(
+                vectors[start:stop])
+        if isinstance(self._keys, np.ndarray):
+            self._keys[n:need] = keys
+        else:
+            self._keys.extend(keys)
+        self._n = need
+
+    def compact(self) -> None:
+        """Drops the spare capacity (after a bulk build: growth left up to a quarter spare)."""
+        if self._bits.shape[0] > max(self._n, _INITIAL_ROWS):
+            self._resize(max(self._n, _INITIAL_ROWS))
 
     def _resize(self, rows: int) -> None:
-        n = len(self._keys)
-        for name in ("_bits", "_values"):
+        arrays = ["_bits", "_values"] + (["_keys"] if isinstance(self._keys, np.ndarray) else [])
+        for name in arrays:
             old = getattr(self, name)
-            new = np.empty((rows, old.shape[1]), dtype=np.uint8)
-            new[:n] = old[:n]
+            new = np.empty((rows, *old.shape[1:]), dtype=old.dtype)
+            new[:self._n] = old[:self._n]
             setattr(self, name, new)
+
+    def _rows_of(self, keys: Sequence[Hashable]) -> list[int]:
+        if isinstance(self._keys, np.ndarray):
+            return np.flatnonzero(np.isin(self._keys[:self._n], np.asarray(keys))).tolist()
+        if len(keys) == 1:
+            try:
+                return [self._keys.index(keys[0])]
+            except ValueError:
+                return []
+        wanted = set(keys)
+        return [r for r, key in enumerate(self._keys) if key in wanted]
 
     def remove(self, keys: Sequence[Hashable]) -> int:
         """Removes the rows of ``keys`` that are here; returns how many. One pass over the keys
         whatever their number (a partition of a million rows: a few ms)."""
-        if len(keys) == 1:
-            try:
-                rows = [self._keys.index(keys[0])]
-            except ValueError:
-                return 0
-        else:
-            wanted = set(keys)
-            rows = [r for r, key in enumerate(self._keys) if key in wanted]
+        rows = self._rows_of(keys)
         for row in sorted(rows, reverse=True):  # highest first: a swapped-in row is never lost
-            last = len(self._keys) - 1
+            last = self._n - 1
             if row != last:
                 self._bits[row] = self._bits[last]
                 self._values[row] = self._values[last]
                 self._keys[row] = self._keys[last]
-            self._keys.pop()
-        if len(self._keys) < self._bits.shape[0] // 4 and self._bits.shape[0] > _LARGE_ROWS:
-            self._resize(max(len(self._keys), _INITIAL_ROWS))
+            if isinstance(self._keys, list):
+                self._keys.pop()
+            self._n = last
+        if self._n < self._bits.shape[0] // 4 and self._bits.shape[0] > _LARGE_ROWS:
+            self._resize(max(self._n, _INITIAL_ROWS))
         return len(rows)
-
-    def keys(self) -> list[Hashable]:
-        return self._keys
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[Hashable, float]]:
         """Up to ``k`` keys whose rows score best against ``query`` (unit float32), with their
         estimated similarities, best first. GIL-free: callable from any one thread."""
-        n = len(self._keys)
+        n = self._n
         if not n:
             return []
         idx, scores = _core.search_codes(query, query_bits(query), self._bits[:n],
                                          self._values[:n], k, candidates_for(n), SCAN_THREADS)
-        keys = self._keys
-        return [(keys[i], float(s)) for i, s in zip(idx.tolist(), scores.tolist())]
+        if isinstance(self._keys, np.ndarray):
+            return list(zip(self._keys[idx].tolist(), scores.tolist()))
+        found = []
+        for i, score in zip(idx.tolist(), scores.tolist()):
+            try:
+                found.append((self._keys[i], score))
+            except IndexError:  # removed meanwhile (a search off the owner's thread)
+                continue
+        return found
 
 
 def rescored(k: int) -> int:

@@ -36,7 +36,7 @@ from ..errors import StorageFailed, StorageFull
 from ..keyring import KeyRing
 from ..records import CorruptRecord, Entry, EntryInfo, Tier as TierKind, decode, encode
 from . import codes
-from .base import Candidate, Filter, Quarantine
+from .base import Candidate, Filter, Quarantine, return_free_memory
 from .codes import CodeMatrix
 
 T = TypeVar("T")
@@ -69,7 +69,7 @@ CREATE INDEX IF NOT EXISTS entries_created ON entries(created_at);
 _NOT_EXPIRED = "(expires_at IS NULL OR expires_at > ?)"
 _INSERT = "INSERT INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
 #: Rows read at a time while building a partition's codes.
-_BUILD_CHUNK = 65536
+_BUILD_CHUNK = 8192
 #: Eviction starts when the footprint passes HIGH_WATERMARK of the budget and ends at
 #: LOW_WATERMARK; the WAL is checkpointed and cut back at WAL_SHARE of it.
 HIGH_WATERMARK = 0.9
@@ -216,7 +216,7 @@ class ColdTier:
     def _build_codes(self, partition: bytes) -> CodeMatrix:
         """The partition's codes, built from its vectors (kept up to date from now on)."""
         started = time.perf_counter()
-        matrix = CodeMatrix(self.dimension)
+        matrix = CodeMatrix(self.dimension, int_keys=True)
         rows = self._db.execute("SELECT rowid, vector FROM entries WHERE partition = ?",
                                 (partition,))
         while chunk := rows.fetchmany(_BUILD_CHUNK):
@@ -224,7 +224,9 @@ class ColdTier:
             if chunk:
                 matrix.add([r[0] for r in chunk], np.frombuffer(
                     b"".join(r[1] for r in chunk), dtype="<f4").reshape(len(chunk), -1))
+        matrix.compact()
         self._codes[partition] = matrix
+        return_free_memory()
         log.info("cold tier: indexed a partition of %d entries in %.2f s (%.0f MiB of codes)",
                  len(matrix), time.perf_counter() - started, matrix.nbytes() / (1 << 20))
         return matrix

@@ -21,8 +21,8 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import sys
 import time
-from collections import OrderedDict
 from collections.abc import Collection, Container, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +34,7 @@ from ..datadir import fsync_path
 from ..errors import StorageFailed, StorageFull
 from ..keyring import KeyRing
 from ..records import CorruptRecord, Entry, EntryInfo, KeyDestroyed, Tier as TierKind, decode, encode
-from .base import Candidate, Filter, Quarantine
+from .base import Candidate, Filter, Quarantine, return_free_memory
 from . import codes
 from .codes import CodeMatrix
 
@@ -51,6 +51,8 @@ HIGH_WATERMARK = 0.85
 #: Partitions with at least this many entries are searched on a worker thread (about 0.3 ms of
 #: code scan), smaller ones inline: a thread hop costs more than a small scan.
 OFF_LOOP_ROWS = 65536
+#: Vectors stacked at a time when codes are added in bulk (at start: every entry).
+_STACK_ROWS = 4096
 
 
 def _stored_size(key_len: int, value_len: int) -> int:
@@ -85,9 +87,12 @@ class WarmTier:
         self._flusher: asyncio.Task[None] | None = None
         self.commits = 0  # transactions committed (concurrent writes share them)
         self._infos: dict[str, EntryInfo] = {}
-        self._recency: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        # Least recently used first: a dict keeps insertion order, and a touch re-inserts (an
+        # OrderedDict's links cost about 50 bytes more an entry).
+        self._recency: dict[str, None] = {}
         self._exact: dict[bytes, str] = {}
         self._partitions: dict[bytes, CodeMatrix] = {}
+        self._partition_keys: dict[bytes, bytes] = {}  # each partition's one key object
         self.bytes = 0
         self._load()
 
@@ -114,6 +119,8 @@ class WarmTier:
         if loaded:
             log.info("warm tier: loaded %d entries (%.1f MiB) in %.2f s", len(loaded),
                      self.bytes / (1 << 20), time.perf_counter() - started)
+        del loaded
+        return_free_memory()
 
     def _decode(self, key: bytes | memoryview, value: bytes | memoryview, *,
                 with_response: bool = True) -> Entry:
@@ -219,8 +226,8 @@ class WarmTier:
 
     def touch(self, entry_id: str) -> None:
         """Marks an entry as just used (it was served from the hot tier)."""
-        if entry_id in self._recency:
-            self._recency.move_to_end(entry_id)
+        if self._recency.pop(entry_id, 0) is None:
+            self._recency[entry_id] = None
 
     def used_bytes(self) -> int:
         """Bytes of the file's pages in use (every database's B-tree and overflow pages, and
@@ -376,7 +383,12 @@ class WarmTier:
         self._unindex_many([e.id for e, _ in entries if e.id in self._infos])
         by_partition: dict[bytes, list[Entry]] = {}
         for entry, size in entries:
-            self._infos[entry.id] = EntryInfo.of(entry, size)
+            # One namespace string and one partition key object for all the entries that have
+            # them, not one each.
+            partition = self._partition_keys.setdefault(entry.partition, entry.partition)
+            self._infos[entry.id] = EntryInfo(
+                entry.id, sys.intern(entry.namespace), partition, entry.exact_key,
+                entry.expires_at, entry.template_id, entry.template_version, entry.user_id, size)
             self._recency[entry.id] = None
             self._exact[entry.exact_key] = entry.id
             self.bytes += size
@@ -385,7 +397,9 @@ class WarmTier:
             matrix = self._partitions.get(partition)
             if matrix is None:
                 matrix = self._partitions[partition] = CodeMatrix(self.dimension)
-            matrix.add([e.id for e in group], np.stack([e.vector for e in group]))
+            for start in range(0, len(group), _STACK_ROWS):  # bounded temporaries
+                chunk = group[start:start + _STACK_ROWS]
+                matrix.add([e.id for e in chunk], np.stack([e.vector for e in chunk]))
 
     def _unindex(self, entry_id: str) -> None:
         self._unindex_many([entry_id])
@@ -403,7 +417,7 @@ class WarmTier:
             matrix = self._partitions[partition]
             matrix.remove(gone)
             if not len(matrix):
-                del self._partitions[partition]
+                del self._partitions[partition], self._partition_keys[partition]
 
     def file_bytes(self) -> int:
         info = self._env.info()
