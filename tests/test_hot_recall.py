@@ -79,3 +79,28 @@ def test_the_graph_is_built_off_the_loop_and_no_entry_is_missed_meanwhile() -> N
             assert hot.count(b"p") == 69
 
         asyncio.run(scenario())
+
+
+def test_an_entry_vector_is_held_once_and_handed_out_exactly() -> None:
+    """The hot tier keeps each vector only in its partition's index (exact scan or graph); the
+    entries it hands out carry an exact copy of it, before and after the graph replaces the
+    exact scan."""
+    rng = np.random.default_rng(8)
+    vectors = rng.standard_normal((40, 384)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    hot = HotTier(384, capacity=100, m=16, ef_construction=100, ef_search=32, hnsw_min_entries=20)
+
+    def entry(i: int) -> Entry:
+        return Entry(id=f"e{i}", namespace="n", partition=b"p", exact_key=bytes([i]) * 16,
+                     prompt=f"p{i}", response=b"r", vector=vectors[i], created_at=0.0)
+
+    for i in range(10):
+        hot.hold(entry(i))
+    assert all(e.vector.size == 0 for e in hot._entries.values())  # not a second copy
+    assert np.array_equal(hot.peek("e3").vector, vectors[3])
+    for i in range(10, 40):  # past hnsw_min_entries: the graph holds them now (no loop runs)
+        hot.hold(entry(i))
+    assert all(e.vector.size == 0 for e in hot._entries.values())
+    got = asyncio.run(hot.get_exact(bytes([33]) * 16, time.time()))
+    assert got is not None and np.array_equal(got.vector, vectors[33])
+    assert [e.id for e in hot.entries() if not np.array_equal(e.vector, vectors[int(e.id[1:])])] == []

@@ -4,8 +4,8 @@ The schema keeps what queries filter on in columns (partition, exact key, namesp
 user, expiry) and the rest as the shared record encoding, so a shared SQL engine could back the
 same table later. Vectors have their own column. A small partition (under CODES_MIN_ROWS) is
 searched by reading its vectors and scanning them with the native kernel; a larger one through
-compact codes (``tiers.codes``) built on its first search and kept in step with every insert and
-delete from then on: candidates from the codes, the best few re-scored against their vectors
+compact codes (``tiers.codes``) built at start (or, for a partition that grows large later, on
+its first search) and kept in step with every insert and delete from then on: candidates from the codes, the best few re-scored against their vectors
 read by rowid. Memory per indexed entry: its codes (440 bytes at 384 dimensions) and its rowid.
 
 One thread owns the connection: every call runs there, in order, so a search never sees a
@@ -117,6 +117,11 @@ class ColdTier:
         self._counts: Counter[bytes] = Counter(dict(self._sync_query(
             "SELECT partition, COUNT(*) FROM entries GROUP BY partition")))
         self.bytes = int(self._sync_query("SELECT COALESCE(SUM(size), 0) FROM entries")[0][0])
+        # Codes of the large partitions now, before the server is ready: built on a first
+        # search instead, a million entries' build (seconds) held every lookup of the tier past
+        # its deadline. A partition that grows large later is built on its first search
+        # (from CODES_MIN_ROWS entries: about a millisecond).
+        self._executor.submit(self._build_large).result()
 
     @staticmethod
     def _connect(path: Path, max_bytes: int) -> sqlite3.Connection:
@@ -213,9 +218,19 @@ class ColdTier:
         return [(i, np.frombuffer(v, dtype="<f4")) for i, v in rows
                 if len(v) == 4 * self.dimension]
 
+    def _build_large(self) -> None:
+        started = time.perf_counter()
+        large = [p for p, n in self._counts.items() if n >= CODES_MIN_ROWS]
+        for partition in large:
+            self._build_codes(partition)
+        if large:
+            entries = sum(len(self._codes[p]) for p in large)
+            log.info("cold tier: built the codes of %d entries in %d partitions in %.1f s "
+                     "(%.0f MiB)", entries, len(large), time.perf_counter() - started,
+                     sum(self._codes[p].nbytes() for p in large) / (1 << 20))
+
     def _build_codes(self, partition: bytes) -> CodeMatrix:
         """The partition's codes, built from its vectors (kept up to date from now on)."""
-        started = time.perf_counter()
         matrix = CodeMatrix(self.dimension, int_keys=True)
         rows = self._db.execute("SELECT rowid, vector FROM entries WHERE partition = ?",
                                 (partition,))
@@ -226,9 +241,8 @@ class ColdTier:
                     b"".join(r[1] for r in chunk), dtype="<f4").reshape(len(chunk), -1))
         matrix.compact()
         self._codes[partition] = matrix
-        return_free_memory()
-        log.info("cold tier: indexed a partition of %d entries in %.2f s (%.0f MiB of codes)",
-                 len(matrix), time.perf_counter() - started, matrix.nbytes() / (1 << 20))
+        if len(matrix) > _BUILD_CHUNK:
+            return_free_memory()
         return matrix
 
     async def infos(self, where: Filter) -> list[EntryInfo]:

@@ -13,6 +13,10 @@ Without a running event loop (scripts, tests of the tier alone) the graph is bui
 
 The hot tier is a cache of the warm and cold tiers: every entry in it is also on disk, so
 dropping the least recently used entries beyond ``capacity`` demotes them without loss.
+
+Each entry's vector is held once, in its partition's index (the exact scan's matrix or the
+graph, both exact float32): the entries themselves are kept without it, and the tier hands
+out copies with their vector read back from the index.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Collection, Iterable, Sequence
 from concurrent.futures import Executor
+from dataclasses import replace
 
 import hnswlib
 import numpy as np
@@ -80,6 +85,10 @@ class _GraphIndex:
         self._index.add_items(vector.reshape(1, -1), np.array([label]), replace_deleted=True)
         self._label_of[entry_id] = label
         self._id_of[label] = entry_id
+
+    def vector(self, entry_id: str) -> np.ndarray:
+        """A copy of the vector stored for ``entry_id`` (exact: hnswlib keeps float32)."""
+        return self._index.get_items([self._label_of[entry_id]], return_type="numpy")[0]
 
     def remove(self, entry_id: str) -> bool:
         label = self._label_of.pop(entry_id, None)
@@ -156,18 +165,22 @@ class HotTier:
         return len(p.index) if p is not None else 0
 
     def peek(self, entry_id: str) -> Entry | None:
-        return self._entries.get(entry_id)
+        entry = self._entries.get(entry_id)
+        return self._with_vector(entry) if entry is not None else None
+
+    def _with_vector(self, entry: Entry) -> Entry:
+        return replace(entry, vector=self._partitions[entry.partition].index.vector(entry.id))
 
     def exact_id(self, key: bytes) -> str | None:
         return self._exact.get(key)
 
     async def get(self, entry_id: str) -> Entry | None:
-        return self._entries.get(entry_id)
+        return self.peek(entry_id)
 
     async def get_exact(self, key: bytes, now: float) -> Entry | None:
         entry_id = self._exact.get(key)
         entry = self._entries.get(entry_id) if entry_id is not None else None
-        return entry if entry is not None and not entry.expired(now) else None
+        return self._with_vector(entry) if entry is not None and not entry.expired(now) else None
 
     async def search(self, partition: bytes, query: np.ndarray, k: int,
                      now: float) -> list[Candidate]:
@@ -191,7 +204,8 @@ class HotTier:
         return [i for i in ids if self.drop(i)]
 
     async def infos(self, where: Filter) -> list[EntryInfo]:
-        return [EntryInfo.of(e, _size(e)) for e in self._entries.values() if where.matches(e)]
+        return [EntryInfo.of(e, self._size(e)) for e in self._entries.values()
+                if where.matches(e)]
 
     def hold(self, entry: Entry) -> list[str]:
         """Holds ``entry`` (already durable elsewhere) as the most recently used; returns the
@@ -206,9 +220,9 @@ class HotTier:
         elif (p.flat is not None and not p.exact_only
               and len(p.flat) >= self._hnsw_min_entries):
             self._promote_to_graph(entry.partition, p)
-        self._entries[entry.id] = entry
+        self._entries[entry.id] = replace(entry, vector=_HELD_IN_INDEX)
         self._exact[entry.exact_key] = entry.id
-        self.bytes += _size(entry)
+        self.bytes += self._size(entry)
         dropped = []
         while len(self._entries) > self.capacity or (
                 self.max_bytes and self.bytes > self.max_bytes and len(self._entries) > 1):
@@ -269,13 +283,16 @@ class HotTier:
             del self._partitions[entry.partition]
         if self._exact.get(entry.exact_key) == entry_id:
             del self._exact[entry.exact_key]
-        self.bytes -= _size(entry)
+        self.bytes -= self._size(entry)
         return True
 
     def entries(self) -> Iterable[Entry]:
-        return self._entries.values()
+        return map(self._with_vector, list(self._entries.values()))
+
+    def _size(self, entry: Entry) -> int:
+        return 4 * self.dimension + len(entry.prompt) + len(entry.response) + _ENTRY_OVERHEAD_BYTES
 
 
-def _size(entry: Entry) -> int:
-    return (entry.vector.nbytes + len(entry.prompt) + len(entry.response)
-            + _ENTRY_OVERHEAD_BYTES)
+#: What a held entry's ``vector`` is: the vector lives in the partition's index only.
+_HELD_IN_INDEX = np.empty(0, dtype=np.float32)
+_HELD_IN_INDEX.flags.writeable = False

@@ -56,6 +56,10 @@ class VectorMatrix:
         self._ids.pop()
         return True
 
+    def vector(self, entry_id: str) -> np.ndarray:
+        """A copy of the row of ``entry_id``."""
+        return self._data[self._row[entry_id]].copy()
+
     def rows(self) -> tuple[list[str], np.ndarray]:
         """Ids and a view of their vectors (valid until the next change)."""
         return self._ids, self._data[:len(self._ids)]
