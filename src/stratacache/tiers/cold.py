@@ -194,7 +194,7 @@ class ColdTier:
                 now: float) -> list[Candidate]:
         matrix = self._codes.get(partition)
         if matrix is None and count >= CODES_MIN_ROWS:
-            matrix = self._build_codes(partition)
+            matrix = self._build_codes(partition, count)
         if matrix is not None:
             found = matrix.search(query, codes.rescored(k) + 8)  # room for a few expired
             return codes.exact_top_k(found, k, lambda rowids: self._vectors(rowids, now), query)
@@ -222,16 +222,18 @@ class ColdTier:
         started = time.perf_counter()
         large = [p for p, n in self._counts.items() if n >= CODES_MIN_ROWS]
         for partition in large:
-            self._build_codes(partition)
+            self._build_codes(partition, self._counts[partition])
         if large:
             entries = sum(len(self._codes[p]) for p in large)
             log.info("cold tier: built the codes of %d entries in %d partitions in %.1f s "
                      "(%.0f MiB)", entries, len(large), time.perf_counter() - started,
                      sum(self._codes[p].nbytes() for p in large) / (1 << 20))
 
-    def _build_codes(self, partition: bytes) -> CodeMatrix:
-        """The partition's codes, built from its vectors (kept up to date from now on)."""
+    def _build_codes(self, partition: bytes, count: int) -> CodeMatrix:
+        """The partition's codes, built from its vectors (kept up to date from now on);
+        ``count``: about how many it has (room is made for them at once)."""
         matrix = CodeMatrix(self.dimension, int_keys=True)
+        matrix.reserve(count)
         rows = self._db.execute("SELECT rowid, vector FROM entries WHERE partition = ?",
                                 (partition,))
         while chunk := rows.fetchmany(_BUILD_CHUNK):

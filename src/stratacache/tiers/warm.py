@@ -397,6 +397,7 @@ class WarmTier:
             matrix = self._partitions.get(partition)
             if matrix is None:
                 matrix = self._partitions[partition] = CodeMatrix(self.dimension)
+            matrix.reserve(len(matrix) + len(group))
             for start in range(0, len(group), _STACK_ROWS):  # bounded temporaries
                 chunk = group[start:start + _STACK_ROWS]
                 matrix.add([e.id for e in chunk], np.stack([e.vector for e in chunk]))
