@@ -20,10 +20,10 @@ side in one run, and the server's per-stage times (embed, search, decide, verify
 time goes.
 
 ``--embed-backend onnx,torch`` (the default) runs the whole set with the first backend's
-server, then starts one more server per other backend on the same prompts (only the hot
-entries stored) and times the hot hit and semantic throughput at the largest client count:
-those figures for every backend, side by side with each one's own embedding floor, and the
-ratios to the first.
+server, then, for every backend in turn, starts a fresh server holding only the hot entries and
+times the hot hit and the semantic throughput at the largest client count on the same prompts
+(equal terms: the full run's server holds thousands of entries and has a history): those
+figures side by side with each backend's own embedding floor, and the ratios to the first.
 
 Every call's tier is checked; calls served from another tier than intended are not counted.
 In the same run it times the floors: a bare gRPC echo on loopback and a bare embedding call
@@ -124,7 +124,7 @@ def _hot_only(backend: str, hot: list[str], flags: list[str], calls: int,
         hit = _measure(client, (prompts * (calls // len(prompts) + 1))[:calls], "hot", 0.8,
                        f"hot hit ({backend})")
         row = asyncio.run(_concurrent(server.target, prompts, 0.8, clients,
-                                      max(calls, 8 * clients)))
+                                      max(calls, 16 * clients)))
     return {"hot_hit": hit["round_trip"], "semantic": row, "start_s": server.start_s}
 
 
@@ -215,13 +215,11 @@ def main(argv: list[str] | None = None) -> int:
                 concurrency.append({"kind": kind, **row})
         final_stats = client.stats()
 
+    # Every backend on equal terms: a fresh server each, the same hot entries and prompts,
+    # one after the other (the full run's server above has thousands of entries and a history).
     top = max(args.clients)
-    side = {backend: {"hot_hit": results["hot hit"]["round_trip"],
-                      "semantic": next(r for r in concurrency
-                                       if r["kind"] == "semantic" and r["clients"] == top),
-                      "start_s": server.start_s}}
-    for other in args.embed_backend[1:]:
-        side[other] = _hot_only(other, hot, base_flags, args.calls, top)
+    side = {name: _hot_only(name, hot, base_flags, args.calls, top)
+            for name in args.embed_backend}
     floors = _floors(stored[:args.calls], args.calls, backend)
     for name, row in side.items():
         row["embed_floor"] = (floors["embed"] if name == backend
