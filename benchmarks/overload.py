@@ -70,7 +70,7 @@ from typing import TypeVar
 import grpc
 
 from stratacache import AsyncClient, DeadlineExceededError, OverloadedError, StratacacheError
-from stratacache.config import DEFAULT_EMBED_MAX_BATCH, DEFAULT_EMBED_THREADS
+from stratacache.config import DEFAULT_EMBED_THREADS, EMBED_MAX_BATCH_CPU
 
 from ._common import (DEFAULT_DATA, distinct_texts, load_pairs, machine, percentiles_ms, serve,
                       table, time_calls, write_json)
@@ -240,7 +240,7 @@ def _model_alone(texts: Sequence[str], batch: int, threads: int) -> dict[str, ob
     semantic lookups per second the server could answer if the model had the cores)."""
     from stratacache.embed import Encoder
 
-    encoder = Encoder("default", device="cpu", threads=threads)
+    encoder = Encoder("default", device="cpu", threads=threads, backend="auto")  # as serve's
     one = percentiles_ms(time_calls(lambda: encoder.encode(texts[:1]), 5))
     full = percentiles_ms(time_calls(lambda: encoder.encode(texts[:batch]), 5))
     return {"one_text": one, "batch": batch, "full_batch": full,
@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             flags += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     with serve(*flags) as server:
         result = asyncio.run(_run(server.target, server.pid, args, stored, unseen))
-    model = _model_alone(unseen, args.embed_max_batch or DEFAULT_EMBED_MAX_BATCH,
+    model = _model_alone(unseen, args.embed_max_batch or EMBED_MAX_BATCH_CPU,
                          args.embed_threads or DEFAULT_EMBED_THREADS)
 
     info = machine()
