@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from stratacache import AsyncClient
+from stratacache import AsyncClient, pipeline
 from stratacache.errors import DataDirMismatch
 from stratacache.tiers.warm import WarmTier
 
@@ -45,13 +45,22 @@ def _fill_to_cold(start_server):  # type: ignore[no-untyped-def]
     return server, ids
 
 
-def test_entries_demoted_hot_to_warm_to_cold_are_still_found(start_server) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("parallel", [False, True], ids=["tiers-in-turn", "tiers-at-once"])
+def test_entries_demoted_hot_to_warm_to_cold_are_still_found(start_server, monkeypatch,  # type: ignore[no-untyped-def]
+                                                             parallel: bool) -> None:
+    """Also with every tier's search started at once (as for partitions of
+    PARALLEL_SEARCH_ROWS entries), taken in order: the same hits, and a miss still sees the
+    best candidate of every tier."""
+    if parallel:
+        monkeypatch.setattr(pipeline, "PARALLEL_SEARCH_ROWS", 1)
     server, ids = _fill_to_cold(start_server)
     with server.client() as c:
         stats = c.stats()
         assert stats["hot"]["entries"] == 4
         assert stats["warm"]["entries"] + stats["cold"]["entries"] == len(TOPICS)
         assert stats["warm"]["demotions"] == stats["cold"]["entries"]
+        miss = c.lookup(PARAPHRASE_0, min_similarity=0.99)  # its entry is cold
+        assert not miss.hit and miss.best_similarity > 0.75
         # The oldest entries went to cold; a paraphrase finds one by semantic search there.
         semantic = c.lookup(PARAPHRASE_0, min_similarity=0.75)
         assert semantic.hit and semantic.tier == "cold" and semantic.entry_id == ids[0]
