@@ -375,8 +375,8 @@ class Placement:
         if len(self._expiry) > 2 * (len(self.warm) + len(self.hot)) + 1024:
             # Replaced and deleted entries leave stale items: rebuild from what is held.
             live = {i.id: i.expires_at for i in self.warm.all_infos() if i.expires_at is not None}
-            live.update((e.id, e.expires_at) for e in self.hot.entries()
-                        if e.expires_at is not None)
+            live.update((i.id, i.expires_at) for i in self.hot.all_infos()
+                        if i.expires_at is not None)
             self._expiry = [(t, i) for i, t in live.items()]
             heapq.heapify(self._expiry)
 

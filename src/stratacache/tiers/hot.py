@@ -204,8 +204,7 @@ class HotTier:
         return [i for i in ids if self.drop(i)]
 
     async def infos(self, where: Filter) -> list[EntryInfo]:
-        return [EntryInfo.of(e, self._size(e)) for e in self._entries.values()
-                if where.matches(e)]
+        return [i for i in self.all_infos() if where.matches(i)]
 
     def hold(self, entry: Entry) -> list[str]:
         """Holds ``entry`` (already durable elsewhere) as the most recently used; returns the
@@ -286,8 +285,9 @@ class HotTier:
         self.bytes -= self._size(entry)
         return True
 
-    def entries(self) -> Iterable[Entry]:
-        return map(self._with_vector, list(self._entries.values()))
+    def all_infos(self) -> Iterable[EntryInfo]:
+        """What the tier knows of every entry it holds (no vectors read back)."""
+        return [EntryInfo.of(e, self._size(e)) for e in self._entries.values()]
 
     def _size(self, entry: Entry) -> int:
         return 4 * self.dimension + len(entry.prompt) + len(entry.response) + _ENTRY_OVERHEAD_BYTES
