@@ -176,11 +176,14 @@ class CodeMatrix:
     def search(self, query: np.ndarray, k: int) -> list[tuple[Hashable, float]]:
         """Up to ``k`` keys whose rows score best against ``query`` (unit float32), with their
         estimated similarities, best first. GIL-free: callable from any one thread."""
-        n = self._n
+        # One read of each attribute: from another thread (the warm tier searches large
+        # partitions off the loop) a resize may swap the arrays between two reads.
+        bits, values = self._bits, self._values
+        n = min(self._n, bits.shape[0], values.shape[0])
         if not n:
             return []
-        idx, scores = _core.search_codes(query, query_bits(query), self._bits[:n],
-                                         self._values[:n], k, candidates_for(n), SCAN_THREADS)
+        idx, scores = _core.search_codes(query, query_bits(query), bits[:n], values[:n], k,
+                                         candidates_for(n), SCAN_THREADS)
         if isinstance(self._keys, np.ndarray):
             return list(zip(self._keys[idx].tolist(), scores.tolist()))
         found = []

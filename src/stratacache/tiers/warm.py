@@ -226,8 +226,8 @@ class WarmTier:
 
     def touch(self, entry_id: str) -> None:
         """Marks an entry as just used (it was served from the hot tier)."""
-        if self._recency.pop(entry_id, 0) is None:
-            self._recency[entry_id] = None
+        if self._recency.pop(entry_id, 0) is None:  # it was there (its value is None)
+            self._recency[entry_id] = None  # re-inserted: now the most recently used
 
     def used_bytes(self) -> int:
         """Bytes of the file's pages in use (every database's B-tree and overflow pages, and
