@@ -105,8 +105,10 @@ class ExportOutcome:
         return self.entries / self.seconds if self.seconds > 0 else 0.0
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImportOutcome:
+    """What an import did; counted as it goes."""
+
     lines: int = 0  # entry lines read by this run
     imported: int = 0  # written
     present: int = 0  # skipped: the id was already in the directory
@@ -324,17 +326,6 @@ class _Line:
     entry: Entry  # with an empty vector when it must be embedded here
 
 
-@dataclass
-class _Counts:
-    lines: int = 0
-    imported: int = 0
-    present: int = 0
-    superseded: int = 0
-    expired: int = 0
-    bad: int = 0
-    embedded: int = 0
-
-
 def import_dump(data_dir: Path, dump: Path | None, *, model: str = config.DEFAULT_MODEL,
                 device: str = config.DEFAULT_DEVICE, batch_size: int = DEFAULT_BATCH_SIZE,
                 embed_batch_size: int = reindex.DEFAULT_BATCH_SIZE, skip_bad: bool = False,
@@ -462,7 +453,7 @@ class _Import:
         self.dump_dimension = dumped["dimension"]
         self.size, self.header_bytes = size, header_bytes
         self.checkpoint = None if digest is None else directory.path / f"import-{digest}.progress"
-        self.counts = _Counts()
+        self.counts = ImportOutcome()
 
     # --- the run ------------------------------------------------------------------------------
 
@@ -529,11 +520,9 @@ class _Import:
             key_ring.close()
         if ended:
             self._save_checkpoint(offset, number, complete=True)
-        c = self.counts
-        outcome = ImportOutcome(
-            lines=c.lines, imported=c.imported, present=c.present, superseded=c.superseded,
-            expired=c.expired, bad=c.bad, embedded=c.embedded, resumed_at=resumed_at,
-            complete=ended, seconds=time.perf_counter() - self.started)
+        c = outcome = self.counts
+        outcome.resumed_at, outcome.complete = resumed_at, ended
+        outcome.seconds = time.perf_counter() - self.started
         log.info("read %d entry lines in %.1f s (%.0f lines/s): imported %d (%d embedded here); "
                  "skipped %d already present, %d older than the entry holding their exact key, "
                  "%d expired, %d bad lines", outcome.lines, outcome.seconds, outcome.rate,

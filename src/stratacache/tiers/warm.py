@@ -33,7 +33,7 @@ import numpy as np
 from ..datadir import fsync_path
 from ..errors import StorageFailed, StorageFull
 from ..keyring import KeyRing
-from ..records import CorruptRecord, Entry, EntryInfo, KeyDestroyed, Tier as TierKind, decode, encode
+from ..records import CorruptRecord, Entry, EntryInfo, Tier as TierKind, decode, encode
 from .base import Candidate, Filter, Quarantine, return_free_memory
 from . import codes
 from .codes import CodeMatrix
