@@ -73,7 +73,8 @@ def serve(*flags: str, data_dir: Path | None = None) -> Iterator[ServerProcess]:
     with tempfile.TemporaryDirectory(prefix="stratacache-bench-") as tmp:
         directory = data_dir or Path(tmp) / "data"
         command = [sys.executable, "-m", "stratacache.cli", "serve", "--port", "0",
-                   "--data-dir", str(directory), "--log-level", "info", *flags]
+                   "--data-dir", str(directory), "--log-level", "info",
+                   "--metrics-port", "0", *flags]
         started = time.perf_counter()
         with subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"}) as process:

@@ -47,7 +47,11 @@ class RunningServer:
 
     async def _start(self, encoder: Encoder, engine_kwargs: dict) -> CacheServer:
         engine = await Engine.open(self.settings, encoder, **engine_kwargs)
-        server = CacheServer(engine, self.settings)
+        try:
+            server = CacheServer(engine, self.settings)
+        except BaseException:
+            await engine.close()
+            raise
         await server.start()
         return server
 
@@ -80,7 +84,8 @@ def start_server(encoder: Encoder, tmp_path: Path) -> Iterator:
     started: list[RunningServer] = []
 
     def start(engine_kwargs: dict | None = None, **overrides: object) -> RunningServer:
-        values = {"data_dir": tmp_path / "data", "port": 0, "sweep_interval_s": 3600.0}
+        values = {"data_dir": tmp_path / "data", "port": 0, "sweep_interval_s": 3600.0,
+                  "metrics_port": 0}
         values.update(overrides)
         server = RunningServer(Settings(**values), encoder, **(engine_kwargs or {}))  # type: ignore[arg-type]
         started.append(server)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ class ServerProcess:
 
     def __init__(self, data_dir: Path, log: Path, *flags: str, timeout: float = 300.0) -> None:
         command = [sys.executable, "-m", "stratacache.cli", "serve", "--port", "0",
-                   "--data-dir", str(data_dir), "--device", "cpu", *flags]
+                   "--data-dir", str(data_dir), "--device", "cpu", "--metrics-port", "0", *flags]
         self.log = log
         self._log_file = open(log, "w")
         self.process = subprocess.Popen(command, stdout=self._log_file, stderr=self._log_file,
@@ -54,3 +55,10 @@ class ServerProcess:
             self.process.kill()
             self.process.wait(60)
         self._log_file.close()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for --metrics-port, where 0 means off)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

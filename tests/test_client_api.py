@@ -12,8 +12,8 @@ import stratacache
 from stratacache import AsyncClient, Client, LookupResult
 
 ERRORS = ["DeadlineExceededError", "InvalidArgumentError", "NotFoundError", "OverloadedError",
-          "PermissionDeniedError", "ServerError", "StorageFullError", "UnauthenticatedError",
-          "UnavailableError"]
+          "PermissionDeniedError", "RateLimitedError", "ServerError", "StorageFullError",
+          "UnauthenticatedError", "UnavailableError"]
 
 
 def test_public_exports() -> None:

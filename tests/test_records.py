@@ -1,7 +1,7 @@
-"""Records: round trips plain and encrypted; every kind of damage is a CorruptRecord (every
-single changed byte of a version 2 record is caught); version 1 records still decode; a
-destroyed key makes its records KeyDestroyed and leaves no copy in the key file; the key cache
-stays bounded."""
+"""Records: round trips plain and encrypted, with and without a cost; every kind of damage is a
+CorruptRecord (every single changed byte of a version 2 record is caught); version 1 records,
+and version 2 records written before costs existed, still decode; a destroyed key makes its
+records KeyDestroyed and leaves no copy in the key file; the key cache stays bounded."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from stratacache.keyring import KEY_BYTES, KEY_ID_BYTES, KeyRing
-from stratacache.records import (FORMAT_VERSION, CorruptRecord, Entry, KeyDestroyed, decode,
-                                 encode)
+from stratacache.records import (FORMAT_VERSION, AnswerCost, CorruptRecord, Entry, KeyDestroyed,
+                                 decode, encode)
 
 ID = "0f" * 16
 VECTOR = np.array([0.6, 0.0, 0.8], dtype="<f4")
@@ -31,6 +31,10 @@ V1_HEADER = (b'{"id":"0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f0f","ns":"ns","part":"ab01",
 V1 = (b"\x01\xd1\x00\x00\x00" + V1_HEADER + b'"dim":3}\x9a\x99\x19?\x00\x00\x00\x00\xcd\xccL?'
       b"Rayleigh scattering.")
 V1_APART = b"\x01\xd1\x00\x00\x00" + V1_HEADER + b'"dim":0}Rayleigh scattering.'
+# Written by the version 2 encoder before entries had a cost (plain, vector inside), for ENTRY.
+V2_BEFORE_COSTS = (bytes.fromhex("0200db0000002d870c9bed4c4ba6") + V1_HEADER
+                   + b'"dim":3,"rlen":20}' + VECTOR.tobytes() + b"Rayleigh scattering.")
+COST = AnswerCost(model="gpt-4o", prompt_tokens=1200, completion_tokens=350, latency_s=2.5)
 
 
 @pytest.fixture
@@ -81,6 +85,39 @@ def test_round_trip(keys: KeyRing, encrypted: bool, with_vector: bool,
         for data in (record, memoryview(record)):  # LMDB hands out memoryviews
             got = decode(data, apart, with_response=with_response, keys=ring, entry_id=ID)
             _same(got, ENTRY, response=with_response)
+
+
+@pytest.mark.parametrize("cost", [COST, AnswerCost(completion_tokens=7),
+                                  AnswerCost(model="m", latency_s=0.0)],
+                         ids=["every field", "tokens only", "model and time"])
+def test_cost_round_trips_in_every_kind_of_record(keys: KeyRing, cost: AnswerCost) -> None:
+    """Warm records (vector inside) and cold ones (vector apart), plain and encrypted."""
+    costed = dataclasses.replace(ENTRY, cost=cost)
+    for ring in (None, keys):
+        for with_vector in (True, False):
+            record = encode(costed, with_vector=with_vector, keys=ring)
+            apart = None if with_vector else VECTOR.tobytes()
+            for with_response in (True, False):
+                got = decode(record, apart, with_response=with_response, keys=ring, entry_id=ID)
+                assert got.cost == cost
+                _same(got, costed, response=with_response)
+
+
+def test_v2_records_written_before_costs_still_decode() -> None:
+    """Without a cost an entry is encoded byte for byte as before costs existed (so an older
+    build still reads it), and such a record decodes with no cost."""
+    assert encode(ENTRY) == V2_BEFORE_COSTS
+    got = decode(V2_BEFORE_COSTS, entry_id=ID)
+    assert got.cost is None
+    _same(got, ENTRY)
+
+
+def test_a_malformed_cost_is_corrupt() -> None:
+    for bad in (AnswerCost(model=5), AnswerCost(prompt_tokens=1.5),  # type: ignore[arg-type]
+                AnswerCost(latency_s="1")):  # type: ignore[arg-type]
+        with pytest.raises(CorruptRecord, match="malformed.*cost") as caught:
+            decode(encode(dataclasses.replace(ENTRY, cost=bad)), entry_id=ID)
+        assert type(caught.value) is CorruptRecord
 
 
 def test_entry_without_user_is_plain_even_with_keys(keys: KeyRing) -> None:

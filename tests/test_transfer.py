@@ -1,5 +1,5 @@
 """``stratacache export`` / ``import``: a dump keeps every live entry (id, tier, scope, template,
-user, metadata, times, vector), an export of an import is the same dump, a server on the
+user, metadata, times, vector, cost), an export of an import is the same dump, a server on the
 imported directory serves the same hits, an interrupted import resumes without duplicates, bad
 lines are reported by number, and a dump of one model is re-embedded for another.
 
@@ -29,6 +29,7 @@ from stratacache.embed import Encoder
 from stratacache.engine import Engine
 from stratacache.errors import DataDirMismatch
 from stratacache.messages import StoreRequest
+from stratacache.records import AnswerCost
 from stratacache.transfer import MAX_LINE_BYTES, BadDump, import_dump, run
 
 from .test_reindex import (KEPT, LONG_PROMPT, OTHER_DIM, _fields, _fill, _settings, _stored,
@@ -40,7 +41,9 @@ __all__ = ["other_encoder", "other_model"]  # fixtures, used by name
 SCOPED = "Translate 'good morning' into French."
 SCOPES = ({"model": "gpt-4o", "system": "Answer briefly."}, {"model": "gpt-4o-mini"})
 ODD = StoreRequest(prompt="  Größe von 𝔸?  ", response=bytes(range(256)) * 3, namespace="odd",
-                   metadata={"z": "last", "a": "first", "ü": "ß"}, ttl_s=86400)
+                   metadata={"z": "last", "a": "first", "ü": "ß"}, ttl_s=86400,
+                   cost=AnswerCost(model="gpt-4o", prompt_tokens=12, completion_tokens=34,
+                                   latency_s=1.25))
 
 
 def _cli(*argv: str) -> int:
@@ -78,6 +81,10 @@ def filled(encoder: Encoder, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return data, named, dump
 
 
+def _odd_line(lines: list[bytes], named: dict[str, str]) -> bytes:
+    return next(x for x in lines[1:-1] if json.loads(x)["id"] == named["odd"])
+
+
 def _lines(dump: Path) -> list[bytes]:
     return dump.read_bytes().splitlines(keepends=True)
 
@@ -109,8 +116,12 @@ def test_export_import_export_is_the_same_dump_and_serves_the_same_hits(
     assert {tier for tier, _ in live.values()} == {"warm", "cold"}
     assert header["model"]["name"] == "all-MiniLM-L6-v2" and header["stored"] == len(before)
     assert trailer == {"end": {"entries": len(live)}} and len(lines) == len(live) + 2
-    odd = next(json.loads(x) for x in lines[1:-1] if json.loads(x)["id"] == named["odd"])
+    odd = json.loads(_odd_line(lines, named))
     assert list(odd["metadata"]) == ["a", "z", "ü"] and odd["prompt"] == ODD.prompt
+    assert odd["cost"] == {"model": "gpt-4o", "prompt_tokens": 12, "completion_tokens": 34,
+                           "latency_s": 1.25}
+    # Entries stored without a cost have no "cost" key, as in dumps made before costs existed.
+    assert sum("cost" in json.loads(x) for x in lines[1:-1]) == 1
 
     target = tmp_path / "imported"
     assert _cli("import", "--data-dir", str(target), str(dump), "--batch-size", "4") == 0
@@ -119,6 +130,7 @@ def test_export_import_export_is_the_same_dump_and_serves_the_same_hits(
     for entry_id, (tier, entry) in after.items():
         assert tier == live[entry_id][0]
         assert _fields(entry) == _fields(live[entry_id][1])
+        assert entry.cost == live[entry_id][1].cost
         assert entry.vector.tobytes() == live[entry_id][1].vector.tobytes()
 
     again = tmp_path / "again.jsonl"
@@ -145,6 +157,9 @@ def test_export_import_export_is_the_same_dump_and_serves_the_same_hits(
         assert not client.lookup(SCOPED, scope={"model": "other"}).hit
         odd = client.lookup(ODD.prompt.strip(), namespace="odd")
         assert odd.hit and odd.entry_id == named["odd"] and odd.response == ODD.response
+        saved = client.stats()["namespaces"]["odd"]  # the imported cost is what a hit saves
+        assert (saved["saved_prompt_tokens"], saved["saved_completion_tokens"],
+                saved["saved_model_seconds"]) == (12, 34, 1.25)
         assert client.lookup(LONG_PROMPT).entry_id == named["long"]
         # The user's entry is encrypted with a key of the imported directory's own.
         assert client.delete_user("u1") == 1
@@ -243,6 +258,22 @@ def test_a_bad_line_stops_the_import_with_its_number_and_skip_bad_goes_on(
     assert _count(tmp_path / "cut") == {i: 1 for i in _ids(lines[1:-4], named)}
     with pytest.raises(BadDump, match="line 1: not the header of a stratacache dump"):
         import_dump(tmp_path / "cut", _write(tmp_path / "h.jsonl", entries), progress=False)
+
+
+def test_a_line_with_a_malformed_cost_is_reported(filled: tuple[Path, dict, Path],
+                                                  tmp_path: Path) -> None:
+    _, named, dump = filled
+    lines = _lines(dump)
+    line = json.loads(_odd_line(lines, named))
+    for cost, message in (({"prompt_tokens": -1}, "cost.prompt_tokens must be a token count"),
+                          ({"latency_s": "1"}, "cost.latency_s is '1', not a number of seconds"),
+                          ({"model": ""}, "cost.model must be 1 to 256 bytes"),
+                          ([1], "cost must be an object")):
+        line["cost"] = cost
+        bad = _write(tmp_path / "bad.jsonl", [lines[0], json.dumps(line).encode() + b"\n",
+                                              b'{"end": {"entries": 1}}\n'])
+        with pytest.raises(BadDump, match=f"line 2 of the dump is malformed: {re.escape(message)}"):
+            import_dump(tmp_path / "data", bad, progress=False)
 
 
 def test_a_dump_of_one_model_is_re_embedded_for_another(

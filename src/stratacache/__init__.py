@@ -6,14 +6,14 @@ Gateways use :class:`Client` (or :class:`AsyncClient`) to ``lookup`` before a mo
 
 from .client import (AsyncClient, Client, DeadlineExceededError, InvalidArgumentError,
                      LookupResult, NotFoundError, OverloadedError, PermissionDeniedError,
-                     ServerError, StorageFullError, StratacacheError, Timeout,
+                     RateLimitedError, ServerError, StorageFullError, StratacacheError, Timeout,
                      UnauthenticatedError, UnavailableError)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AsyncClient", "Client", "DeadlineExceededError", "InvalidArgumentError", "LookupResult",
-    "NotFoundError", "OverloadedError", "PermissionDeniedError", "ServerError",
-    "StorageFullError", "StratacacheError", "Timeout", "UnauthenticatedError",
+    "NotFoundError", "OverloadedError", "PermissionDeniedError", "RateLimitedError",
+    "ServerError", "StorageFullError", "StratacacheError", "Timeout", "UnauthenticatedError",
     "UnavailableError", "__version__",
 ]

@@ -132,6 +132,7 @@ class Batcher(Generic[In, Out]):
             (seconds; 0 takes only what queued while the model was busy).
         max_queue: most items waiting; beyond it ``submit`` raises ``Overloaded``.
         executor: the thread passes run on (see :func:`model_executor`).
+        on_batch: called with the number of items of each pass that runs (a metric).
 
     Attributes:
         stats: counters (:class:`BatchStats`), for the server's Stats.
@@ -140,7 +141,8 @@ class Batcher(Generic[In, Out]):
 
     def __init__(self, run: Callable[[list[In]], Sequence[Out]], *, name: str, flag: str,
                  max_batch: int, max_wait_s: float, max_queue: int,
-                 executor: ThreadPoolExecutor) -> None:
+                 executor: ThreadPoolExecutor,
+                 on_batch: Callable[[int], None] | None = None) -> None:
         self._run_batch = run
         self._name = name
         self._flag = flag
@@ -148,6 +150,7 @@ class Batcher(Generic[In, Out]):
         self._max_wait_s = max_wait_s
         self._queue: asyncio.Queue[_Call[In, Out]] = asyncio.Queue(max_queue)
         self._executor = executor
+        self._on_batch = on_batch
         self._consumer: asyncio.Task[None] | None = None
         # Calls the consumer has taken off the queue (collecting or in its pass): close and the
         # supervisor fail these as well as the queued ones.
@@ -164,7 +167,8 @@ class Batcher(Generic[In, Out]):
 
     @property
     def queued(self) -> int:
-        """Calls waiting for a pass (not counting the pass in progress)."""
+        """Calls waiting for a pass (not counting the pass in progress). Safe to read from
+        another thread (a /metrics scrape): it is the length of the queue's deque."""
         return self._queue.qsize()
 
     def start(self) -> None:
@@ -309,6 +313,8 @@ class Batcher(Generic[In, Out]):
         while True:
             batch = await self._next_batch()
             started = self._pass_started = time.monotonic()
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
             try:
                 results = self._one_per_item(await loop.run_in_executor(
                     self._executor, self._run_batch, [c.item for c in batch]), len(batch))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import config
+from . import config, logs
 from .config import Settings
 from .errors import CacheError
 
@@ -46,6 +46,34 @@ class _Flag:
 
 def _mib(value: str) -> int:
     return int(float(value) * (1 << 20))
+
+
+def _switch(value: str) -> bool:
+    """A yes/no flag: given alone it means yes; its variable takes true/false, 1/0, yes/no."""
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _rate_limit(value: str) -> config.RateLimit:
+    try:
+        return config.RateLimit.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _rate_limit_flags() -> tuple[_Flag, ...]:
+    scopes = {"user": "per user (the request's user_id, else the API key's name, else the "
+                      "client's address)",
+              "namespace": "per namespace", "global": "for the whole server"}
+    return tuple(_Flag(f"rate_limit_{scope}_{call}", _rate_limit, None,
+                       f"{call.capitalize()} calls {who}: RATE[,BURST] calls per second and at "
+                       f"once, e.g. 20,40; over it a call gets RESOURCE_EXHAUSTED with "
+                       f"retry-after-ms; unset = no limit")
+                 for scope, who in scopes.items() for call in ("lookup", "store"))
 
 
 #: The serve flags, in --help order. Units are in the help text; the README's table is this list.
@@ -134,6 +162,34 @@ SERVE_FLAGS = (
     _Flag("feedback_evict_after", int, config.DEFAULT_FEEDBACK_EVICT_AFTER,
           "wrong reports (Feedback) after which an entry is deleted; 0 = never (each report "
           "already vetoes the entry for prompts like the reported one)"),
+    _Flag("metrics_port", int, config.DEFAULT_METRICS_PORT,
+          "port of the Prometheus endpoint (GET /metrics); 0 = off"),
+    _Flag("metrics_host", str, config.DEFAULT_METRICS_HOST,
+          "address the Prometheus endpoint listens on (0.0.0.0 for all interfaces)"),
+    _Flag("metrics_max_namespaces", int, config.DEFAULT_METRICS_MAX_NAMESPACES,
+          "namespaces with a label of their own in /metrics (the first seen); the rest are "
+          "pooled under _other so the series count stays bounded"),
+    _Flag("prices", Path, None,
+          "price table, JSON or TOML: model name -> dollars per million input and output "
+          "tokens; turns hits into dollars saved; unset = the bundled table (see the README)"),
+    *_rate_limit_flags(),
+    _Flag("keys_file", Path, None,
+          "TOML file of scoped API keys (name, hashed key, namespaces, roles); reloaded on "
+          "SIGHUP; see the README's 'Running in production'"),
+    _Flag("allow_unauthenticated", _switch, False,
+          "allow listening on a non-loopback --host with neither --api-key nor --keys-file "
+          "(only on a network you trust)"),
+    _Flag("tls_cert", Path, None, "PEM certificate chain of the server: serve TLS (with --tls-key)"),
+    _Flag("tls_key", Path, None, "PEM private key of --tls-cert"),
+    _Flag("tls_client_ca", Path, None,
+          "PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)"),
+    _Flag("log_format", str, "text", "text (one human line per event) or json (one object per "
+          "line, with the request id)"),
+    _Flag("log_prompts", _switch, False,
+          "write prompts and responses into access-log lines (off: they may hold personal data)"),
+    _Flag("otlp_endpoint", str, None,
+          "send traces (a span per call, a child per stage) by OTLP/gRPC to this endpoint, e.g. "
+          "http://127.0.0.1:4317; needs the 'otel' extra; unset = no tracing"),
     _Flag("log_level", str, "info", "debug, info, warning or error"),
 )
 
@@ -154,8 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in SERVE_FLAGS:
         # argparse runs string defaults through `type`, so env values and defaults parse alike.
         default = os.environ.get(flag.env, None if flag.default is None else str(flag.default))
+        switch = {"nargs": "?", "const": "true"} if flag.type is _switch else {}
         serve.add_argument(flag.option, type=flag.type, default=default,
-                           help=f"{flag.help} [env {flag.env}]")
+                           help=f"{flag.help} [env {flag.env}]", **switch)
     _add_tool(commands, "tune", "train a verifier (and optionally an embedder) on labelled pairs",
               "stratacache.tune")
     _add_tool(commands, "reindex",
@@ -167,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
               "stratacache.transfer")
     _add_tool(commands, "import", "load a dump's entries into a data directory",
               "stratacache.transfer")
+    _add_tool(commands, "hash-key",
+              "make an API key and its [[keys]] entry for --keys-file", "stratacache.access")
+    _add_tool(commands, "admin", "administer a running server (stats, saved)", "stratacache.admin")
     return parser
 
 
@@ -184,7 +244,7 @@ def _add_tool(commands: Any, name: str, summary: str, module: str) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {_SETTINGS_FIELD.get(f.field, f.field): getattr(args, f.field)
               for f in SERVE_FLAGS if f.field != "log_level"}
-    for name in ("verifier", "verify_device"):
+    for name in ("verifier", "verify_device", "otlp_endpoint"):
         if values[name] == "":
             values[name] = None
     return Settings(**values)
@@ -197,6 +257,12 @@ async def serve(settings: Settings) -> None:
     from .service import CacheServer
 
     started = time.perf_counter()
+    from . import tls
+
+    try:  # before the model loads: a bad certificate file fails in a second, not in ten
+        tls.server_credentials(settings)
+    except ValueError as exc:
+        raise CacheError(str(exc)) from None
     graphs = settings.data_dir / "onnx"  # exported ONNX graphs, keyed by weights fingerprint
     encoder = await asyncio.to_thread(
         Encoder, settings.model, device=settings.device, threads=settings.embed_threads,
@@ -229,6 +295,8 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if server.keys is not None:  # SIGHUP re-reads --keys-file (a bad file keeps the old keys)
+        loop.add_signal_handler(signal.SIGHUP, server.keys.reload)
     await stop.wait()
     log.info("shutting down: finishing in-flight calls (up to %.0f s), then flushing",
              settings.shutdown_grace_s)
@@ -239,9 +307,11 @@ async def serve(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "info")).upper(),
-                                      logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure(str(getattr(args, "log_level", "info")),
+                       str(getattr(args, "log_format", "text")))
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.command != "serve":
         try:
             return int(args.run(args))

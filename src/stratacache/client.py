@@ -10,6 +10,7 @@ failed the call before sending it)::
     ├── UnauthenticatedError   UNAUTHENTICATED: missing or wrong api_key
     ├── PermissionDeniedError  PERMISSION_DENIED: this api_key may not make this call
     ├── OverloadedError        RESOURCE_EXHAUSTED: back off and retry, or call the model
+    │   └── RateLimitedError   a rate limit of the server: retry after ``retry_after_s``
     ├── StorageFullError       FAILED_PRECONDITION: disk budget or disk full; an admin must
     │                          act, retrying the same call will not help
     ├── UnavailableError       UNAVAILABLE: server down or draining
@@ -32,19 +33,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Concatenate, Generic, ParamSpec, TypeAlias, TypeVar, overload
+from typing import (TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeAlias, TypeVar,
+                    overload)
 
 import grpc
 from google.protobuf.message import Message
 
 from .config import DEFAULT_MAX_MESSAGE_BYTES
+from .ratelimit import RETRY_AFTER_METADATA
 from .v1 import stratacache_pb2 as pb
 from .v1 import stratacache_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:  # only annotations: plain clients never load cryptography
+    from .tls import PemSource
+
 __all__ = [
     "AsyncClient", "Client", "DeadlineExceededError", "InvalidArgumentError", "LookupResult",
-    "NotFoundError", "OverloadedError", "PermissionDeniedError", "ServerError",
-    "StorageFullError", "StratacacheError", "Timeout", "UnauthenticatedError",
+    "NotFoundError", "OverloadedError", "PermissionDeniedError", "RateLimitedError",
+    "ServerError", "StorageFullError", "StratacacheError", "Timeout", "UnauthenticatedError",
     "UnavailableError",
 ]
 
@@ -80,6 +86,17 @@ class OverloadedError(StratacacheError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class RateLimitedError(OverloadedError):
+    """The call was over one of the server's rate limits (the message names it).
+
+    Attributes:
+        retry_after_s: seconds until the limit would let the call through (from the reply's
+            ``retry-after-ms`` metadata); None if the server did not say.
+    """
+
+    retry_after_s: float | None = None
+
+
 class StorageFullError(StratacacheError):
     """The server's disk budget or disk is full: an admin must act; a retry will not help."""
 
@@ -106,8 +123,18 @@ _ERRORS = {cls.code: cls for cls in (InvalidArgumentError, NotFoundError, Unauth
 def _error(exc: grpc.RpcError) -> StratacacheError:
     code = exc.code()  # type: ignore[attr-defined]
     cls = _ERRORS.get(code, ServerError)
+    retry_after: object = None
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        trailing = dict(getattr(exc, "trailing_metadata", lambda: None)() or ())
+        if RETRY_AFTER_METADATA in trailing:  # only a rate limit says when to retry
+            cls, retry_after = RateLimitedError, trailing[RETRY_AFTER_METADATA]
     error = cls(f"{code.name}: {exc.details()}")  # type: ignore[attr-defined]
     error.code = code
+    if isinstance(error, RateLimitedError):
+        try:
+            error.retry_after_s = int(retry_after) / 1000  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            pass  # a malformed value: the server did not say, in effect
     return error
 
 
@@ -328,7 +355,10 @@ class _BaseClient(ABC, Generic[Ch]):
 
     def __init__(self, target: str = "127.0.0.1:50551", *, api_key: str | None = None,
                  timeout: Timeout | float = Timeout(),
-                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
+                 channel_options: Sequence[tuple[str, Any]] = (), tls: bool = False,
+                 root_certificates: PemSource | None = None,
+                 certificate_chain: PemSource | None = None,
+                 private_key: PemSource | None = None) -> None:
         """Opens a channel to the server (it connects on the first call).
 
         Args:
@@ -339,7 +369,33 @@ class _BaseClient(ABC, Generic[Ch]):
             channel_options: gRPC channel options, ``(name, value)`` pairs, over the defaults
                 in :data:`CHANNEL_OPTIONS`; e.g. ``[("grpc.max_receive_message_length", n)]``
                 for a server started with a larger ``max_message_bytes``.
+            tls: connect over TLS (a server started with ``--tls-cert``); False: plaintext.
+            root_certificates: with ``tls``, the CA certificate(s) the server's certificate
+                must chain to; None: the system's trusted roots.
+            certificate_chain, private_key: with ``tls``, this client's certificate and its
+                unencrypted key, for a server that requires one (``--tls-client-ca``).
+                Each of these three is PEM data as ``bytes``, or the path of a PEM file as a
+                ``str`` or ``Path`` (read once, here).
+
+        Raises:
+            OSError: a PEM file is missing or unreadable.
+            ValueError: a certificate argument without ``tls=True``, ``certificate_chain``
+                without ``private_key`` (or the reverse), or data that is not PEM of its kind.
         """
+        given = [name for name, value in (("root_certificates", root_certificates),
+                                          ("certificate_chain", certificate_chain),
+                                          ("private_key", private_key)) if value is not None]
+        if given and not tls:
+            raise ValueError(f"{', '.join(given)} given without tls=True: pass tls=True to "
+                             "connect over TLS with them")
+        self._credentials: grpc.ChannelCredentials | None = None
+        if tls:
+            # Imported here: only TLS clients pay for loading cryptography's x509 parsers.
+            from .tls import channel_credentials
+
+            self._credentials = channel_credentials(
+                root_certificates=root_certificates, certificate_chain=certificate_chain,
+                private_key=private_key)
         self.target = target
         self._timeout = timeout if isinstance(timeout, Timeout) else Timeout(timeout, timeout, timeout)
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
@@ -373,6 +429,8 @@ class _BaseClient(ABC, Generic[Ch]):
               scope: Mapping[str, str] | None = None, template_id: str | None = None,
               template_version: str | None = None, ttl_s: float | None = None,
               user_id: str | None = None, metadata: Mapping[str, str] | None = None,
+              cost_model: str | None = None, prompt_tokens: int | None = None,
+              completion_tokens: int | None = None, model_latency_s: float | None = None,
               timeout: float | None = None) -> _Call[str]:
         """Stores ``response`` for ``prompt``.
 
@@ -385,6 +443,10 @@ class _BaseClient(ABC, Generic[Ch]):
             ttl_s: seconds the entry may be served; None: until removed.
             user_id: the user the answer was made for (delete_user removes it).
             metadata: labels returned with every hit of the entry (LookupResult.metadata).
+            cost_model, prompt_tokens, completion_tokens, model_latency_s: what the answer cost
+                to make: the model's name as the server's price table has it, the tokens it
+                read and wrote, and the seconds it took (each optional); every hit of the entry
+                counts them as saved (stats, /metrics).
             timeout: deadline in seconds; None: the client's Timeout.store.
 
         Returns:
@@ -400,13 +462,17 @@ class _BaseClient(ABC, Generic[Ch]):
             response=response.encode() if isinstance(response, str) else response,
             scope=scope or {}, template_id=template_id, template_version=template_version,
             ttl_s=ttl_s, user_id=user_id, metadata=metadata or {})
+        cost = pb.AnswerCost(model=cost_model, prompt_tokens=prompt_tokens,
+                             completion_tokens=completion_tokens, latency_s=model_latency_s)
+        if cost.ListFields():  # any of them given
+            request.cost.CopyFrom(cost)
         return self._call("cache", "Store", request, _entry_id, timeout, self._timeout.store)
 
     @_rpc
     def lookup(self, prompt: str, *, namespace: str = "default",
                scope: Mapping[str, str] | None = None, template_id: str | None = None,
                template_version: str | None = None, min_similarity: float | None = None,
-               timeout: float | None = None) -> _Call[LookupResult]:
+               user_id: str | None = None, timeout: float | None = None) -> _Call[LookupResult]:
         """The stored answer for a prompt that means the same in the same scope, or a miss.
 
         Args:
@@ -415,6 +481,8 @@ class _BaseClient(ABC, Generic[Ch]):
                 entries with the same ones are served.
             min_similarity: cosine similarity a semantic match must reach; None: the
                 namespace's policy.
+            user_id: the end user asking, for the server's per-user rate limit (never part of
+                the match); None: the API key is the user.
             timeout: deadline in seconds; None: the client's Timeout.lookup.
 
         Returns:
@@ -425,7 +493,7 @@ class _BaseClient(ABC, Generic[Ch]):
         """
         request = pb.LookupRequest(
             namespace=namespace, prompt=prompt, scope=scope or {}, template_id=template_id,
-            template_version=template_version, min_similarity=min_similarity)
+            template_version=template_version, min_similarity=min_similarity, user_id=user_id)
         return self._call("cache", "Lookup", request, _lookup_result, timeout,
                           self._timeout.lookup)
 
@@ -618,6 +686,8 @@ class Client(_BaseClient[grpc.Channel]):
     as a context manager. Safe to share between threads."""
 
     def _open_channel(self, target: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        if self._credentials is not None:
+            return grpc.secure_channel(target, self._credentials, options=options)
         return grpc.insecure_channel(target, options=options)
 
     def _send(self, plan: _Plan[T]) -> T:
@@ -655,6 +725,8 @@ class AsyncClient(_BaseClient[grpc.aio.Channel]):
             # A grpc.aio channel made outside a loop binds to another loop and fails later.
             raise RuntimeError("AsyncClient must be created inside a running event loop (in "
                                "async code); use Client from blocking code") from None
+        if self._credentials is not None:
+            return grpc.aio.secure_channel(target, self._credentials, options=options)
         return grpc.aio.insecure_channel(target, options=options)
 
     async def _send(self, plan: _Plan[T]) -> T:

@@ -6,6 +6,7 @@ Every knob is a keyword with a named default below, so the defaults are document
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -115,6 +116,58 @@ DEFAULT_VERIFY_BACKEND = "auto"
 #: already vetoes the entry for prompts near the reported one.
 DEFAULT_FEEDBACK_EVICT_AFTER = 3
 
+#: Prometheus /metrics (prometheus-client's HTTP server): on by default, on loopback, next to
+#: the gRPC port's number range but clear of the exporters' common 9100-9400; 0 = off.
+DEFAULT_METRICS_PORT = 9551
+DEFAULT_METRICS_HOST = "127.0.0.1"
+#: Namespaces that get a label of their own in /metrics (the first seen, by name); the rest are
+#: pooled under "_other", so a flood of tenants cannot blow up the series count.
+DEFAULT_METRICS_MAX_NAMESPACES = 100
+#: --log-format values.
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """A token bucket: ``rate`` calls per second sustained, ``burst`` calls at once."""
+
+    rate: float
+    burst: int
+
+    @classmethod
+    def parse(cls, text: str) -> "RateLimit":
+        """``"RATE"`` or ``"RATE,BURST"`` (calls per second, calls at once; burst defaults to
+        the rate rounded up, at least 1), e.g. ``"20,40"``.
+
+        Raises:
+            ValueError: not that form, a rate that is not a positive finite number, or a burst
+                below 1.
+        """
+        rate_text, _, burst_text = text.partition(",")
+        try:
+            rate = float(rate_text)
+            burst = int(burst_text) if burst_text else max(1, math.ceil(rate))
+        except ValueError:
+            raise ValueError(f"rate limit {text!r}: expected RATE or RATE,BURST (calls per "
+                             "second, calls at once), e.g. 20,40") from None
+        if not (math.isfinite(rate) and rate > 0) or burst < 1:
+            raise ValueError(f"rate limit {text!r}: the rate must be a positive number of calls "
+                             "per second and the burst at least 1")
+        return cls(rate, burst)
+
+    def __str__(self) -> str:
+        return f"{self.rate:g},{self.burst}"
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
 
 @dataclass(frozen=True, kw_only=True)
 class Settings:
@@ -157,6 +210,35 @@ class Settings:
     verify_backend: str = DEFAULT_VERIFY_BACKEND
     max_wrong_rate: float | None = None
     feedback_evict_after: int = DEFAULT_FEEDBACK_EVICT_AFTER
+    # --- operations (metrics, cost, limits, access, TLS, logs) ---
+    metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_host: str = DEFAULT_METRICS_HOST
+    metrics_max_namespaces: int = DEFAULT_METRICS_MAX_NAMESPACES
+    #: Price table (JSON or TOML); None = the bundled one (stratacache/data/prices.toml).
+    prices: Path | None = None
+    #: Token buckets per user (the request's user_id, else the API key's name, else the client's
+    #: address), per namespace and for the whole server, for Lookup and for Store; None = off.
+    rate_limit_user_lookup: RateLimit | None = None
+    rate_limit_user_store: RateLimit | None = None
+    rate_limit_namespace_lookup: RateLimit | None = None
+    rate_limit_namespace_store: RateLimit | None = None
+    rate_limit_global_lookup: RateLimit | None = None
+    rate_limit_global_store: RateLimit | None = None
+    #: Scoped keys (stratacache.access), reloaded on SIGHUP; api_key stays an all-namespaces admin.
+    keys_file: Path | None = None
+    allow_unauthenticated: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    log_format: str = "text"
+    log_prompts: bool = False
+    #: OTLP/gRPC endpoint for traces (needs the ``otel`` extra); None = no tracing.
+    otlp_endpoint: str | None = None
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether calls must carry a key (--api-key or --keys-file)."""
+        return self.api_key is not None or self.keys_file is not None
 
     def __post_init__(self) -> None:
         problems = []
@@ -189,6 +271,25 @@ class Settings:
                             f"{self.feedback_evict_after}")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be in 0..65535, got {self.port}")
+        if not 0 <= self.metrics_port <= 65535:
+            problems.append(f"metrics_port must be in 0..65535 (0 = off), got {self.metrics_port}")
+        if self.metrics_max_namespaces < 0:
+            problems.append(f"metrics_max_namespaces must be >= 0, got "
+                            f"{self.metrics_max_namespaces}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together (--tls-cert, --tls-key): give both "
+                            "for TLS, or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("tls_client_ca (--tls-client-ca) needs TLS: give --tls-cert and "
+                            "--tls-key too")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}, got "
+                            f"{self.log_format!r}")
+        if (not is_loopback(self.host) and not self.authenticated
+                and not self.allow_unauthenticated):
+            problems.append(f"refusing to listen on {self.host} without a key: anyone who can "
+                            "reach it could read and write every namespace; give --api-key or "
+                            "--keys-file, or --allow-unauthenticated if the network is trusted")
         if self.embed_max_batch is not None and self.embed_max_batch < 1:
             problems.append(f"embed_max_batch must be >= 1 (unset = per device), got "
                             f"{self.embed_max_batch}")

@@ -12,15 +12,16 @@ knows about and hands the call on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 
-from . import _core, datadir, operating_point, validation
+from . import _core, datadir, operating_point, prices, validation
 from .batching import Batcher, model_executor
 from .config import Settings
 from .datadir import DataDir
@@ -28,8 +29,8 @@ from .embed import Encoder
 from .errors import NotFound, Unavailable
 from .feedback import Feedback
 from .keyring import KeyRing
-from .messages import (LookupRequest, LookupResult, NamespaceStats, StageStats, Stats,
-                       StoreRequest, StoreResult, TierStats)
+from .messages import (LookupRequest, LookupResult, NamespaceCounts, NamespaceStats, StageStats,
+                       Stats, StoreRequest, StoreResult, TierStats)
 from .metrics import LoopLagProbe, Metrics
 from .pipeline import Pipeline
 from .placement import Placement
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 #: The policy, evidence and feedback file inside the data directory.
 EVIDENCE_FILE = "evidence.sqlite3"
+_NO_COUNTS = NamespaceCounts()
 
 
 class Engine:
@@ -60,6 +62,9 @@ class Engine:
         self.encoder = encoder
         self.verifier = verifier
         dim = encoder.dimension
+        # First: a bad price table is a configuration error, found before anything is opened.
+        self.metrics = Metrics(max_namespaces=settings.metrics_max_namespaces,
+                               prices=prices.load(settings.prices))
         self._dir = DataDir(settings.data_dir, encoder.identity, model=settings.model)
         opened = ExitStack()  # what to close if a later step fails
         opened.callback(self._dir.close)
@@ -84,24 +89,32 @@ class Engine:
             opened.close()
             raise
         self.placement = Placement(hot, warm, cold, on_removed=self.policies.forget_entries)
-        self.metrics = Metrics()
         self._model_thread = model_executor()
         self._embedder: Batcher[str, np.ndarray | None] = Batcher(
             encoder.encode_whole, name="embedding", flag="--embed-max-queue",
             max_batch=settings.embed_max_batch or encoder.max_batch,
             max_wait_s=settings.embed_max_wait_ms / 1000,
-            max_queue=settings.embed_max_queue, executor=self._model_thread)
+            max_queue=settings.embed_max_queue, executor=self._model_thread,
+            on_batch=self.metrics.batch_observer("embed"))
         self._verifier: Batcher[tuple[str, str, float], float] | None = None if verifier is None else Batcher(
             lambda pairs: verifier.score(pairs).tolist(), name="verification",
             flag="--embed-max-queue", max_batch=settings.verify_max_batch, max_wait_s=0.0,
-            max_queue=settings.embed_max_queue, executor=self._model_thread)
+            max_queue=settings.embed_max_queue, executor=self._model_thread,
+            on_batch=self.metrics.batch_observer("verify"))
         self.pipeline = Pipeline(settings, self.placement, self.policies, self._embedder,
                                  self._verifier, dim, self.metrics)
         self.feedback_desk = Feedback(self.policies, self.placement, encoder, verifier,
                                       self._model_thread, self._embedder, self._verifier,
                                       self.metrics, evict_after=settings.feedback_evict_after)
         self._sweeper: asyncio.Task[None] | None = None
-        self.loop_lag = LoopLagProbe()
+        self.loop_lag = LoopLagProbe(observe=self.metrics.observe_loop_lag)
+        self.metrics.describe(model=encoder.identity.name, device=encoder.device,
+                              backend=encoder.backend)
+        self.metrics.watch(
+            tiers={"hot": hot, "warm": warm, "cold": cold},
+            queues={name: (lambda b=b: b.queued) for name, b in
+                    (("embed", self._embedder), ("verify", self._verifier)) if b is not None},
+            demotions=self.placement.demotions)
         self._started = time.monotonic()
         self._closed = False
 
@@ -151,7 +164,9 @@ class Engine:
                        correct: bool) -> tuple[bool, PolicyStatus]:
         """See :meth:`Feedback.report`."""
         self._check_open()
-        return await self.feedback_desk.report(namespace, entry_id, prompt, correct)
+        reported = await self.feedback_desk.report(namespace, entry_id, prompt, correct)
+        self.metrics.feedback(validation.namespace(namespace), correct)
+        return reported
 
     # --- policy and evidence ------------------------------------------------------------------
 
@@ -215,14 +230,30 @@ class Engine:
             await self.cold.scrub()
         return removed
 
-    async def delete_entry(self, entry_id: str) -> int:
-        """Raises NotFound when no tier holds the id."""
+    async def delete_entry(self, entry_id: str, *,
+                           within: Callable[[str], bool] | None = None) -> int:
+        """Removes one entry; returns 1.
+
+        Args:
+            entry_id: the entry's id.
+            within: only remove an entry whose namespace this accepts (a scoped key's); one
+                elsewhere is answered exactly as a missing one, so the caller cannot tell that
+                it exists.
+
+        Raises:
+            NotFound: no tier holds the id (or ``within`` refuses its namespace).
+        """
         self._check_open()
         entry_id = validation.entry_id(entry_id)
+        missing = NotFound(f"no entry with id {entry_id!r}: it was never stored, or has been "
+                           "removed, evicted or expired")
+        if within is not None:
+            entry = await self.placement.find(entry_id)
+            if entry is None or not within(entry.namespace):
+                raise missing
         removed = await self.placement.remove([entry_id])
         if not removed:
-            raise NotFound(f"no entry with id {entry_id!r}: it was never stored, or has been "
-                           "removed, evicted or expired")
+            raise missing
         self.metrics.invalidated += removed
         return removed
 
@@ -265,6 +296,15 @@ class Engine:
 
         verify_batches, verify_pairs = batches(self._verifier)
         lag = self.loop_lag.summary()
+        # Namespaces with a policy or evidence, and those counted since start (past the
+        # --metrics-max-namespaces cap, pooled under metrics.OTHER).
+        policies, counted = self.policies.counts(), self.metrics.namespaces()
+        namespaces = {}
+        for ns in policies.keys() | counted.keys():
+            evidence, right, wrong, vetoed = policies.get(ns, (0, 0, 0, 0))
+            namespaces[ns] = NamespaceStats(
+                evidence=evidence, feedback_correct=right, feedback_wrong=wrong,
+                vetoed_entries=vetoed, **dataclasses.asdict(counted.get(ns, _NO_COUNTS)))
         return Stats(
             model=self.encoder.identity.name, dimension=self.encoder.dimension,
             device=self.encoder.device, default_min_similarity=s.min_similarity,
@@ -285,9 +325,11 @@ class Engine:
             shed_deadline=sum(b.stats.shed for b in self._batchers()),
             model_restarts=sum(b.stats.restarts for b in self._batchers()),
             storage_errors=sum(m.tier_errors.values()), damaged_records=self.quarantine.damaged,
-            erased_records=self.quarantine.erased,
-            namespaces={ns: NamespaceStats(*counts)
-                        for ns, counts in self.policies.counts().items()})
+            erased_records=self.quarantine.erased, namespaces=namespaces,
+            saved_dollars=sum(n.saved_dollars for n in counted.values()),
+            saved_prompt_tokens=sum(n.saved_prompt_tokens for n in counted.values()),
+            saved_completion_tokens=sum(n.saved_completion_tokens for n in counted.values()),
+            saved_model_seconds=sum(n.saved_model_seconds for n in counted.values()))
 
     def _batchers(self) -> list[Batcher[Any, Any]]:
         return [b for b in (self._embedder, self._verifier) if b is not None]

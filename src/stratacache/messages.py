@@ -6,7 +6,7 @@ from collections.abc import Mapping
 import enum
 from dataclasses import dataclass, field
 
-from .records import Tier
+from .records import AnswerCost, Tier
 
 
 class MissReason(enum.IntEnum):
@@ -34,6 +34,8 @@ class StoreRequest:
     metadata: Mapping[str, str] = field(default_factory=dict)
     #: ``time.monotonic()`` by which the caller gives up (its gRPC deadline); None = no deadline.
     deadline: float | None = None
+    #: What the answer cost to make (kept with the entry; its hits count it as saved).
+    cost: AnswerCost | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +129,36 @@ class Stats:
     erased_records: int = 0
     #: How late the event loop woke a task that slept a short interval (count = samples).
     loop_lag: StageStats = StageStats(0, 0.0, 0.0)
+    #: What hits saved since start, all namespaces together (see :class:`NamespaceStats`).
+    saved_dollars: float = 0.0
+    saved_prompt_tokens: int = 0
+    saved_completion_tokens: int = 0
+    saved_model_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
-class NamespaceStats:
-    evidence: int
-    feedback_correct: int
-    feedback_wrong: int
-    vetoed_entries: int
+class NamespaceCounts:
+    """One namespace label's counts since start: lookups answered, hits, stores, and what the
+    hits saved (dollars at the price table's list prices); ``unpriced_hits`` are hits of
+    entries whose cost has tokens but a model the price table lacks (their dollars are not
+    counted)."""
+
+    lookups: int = 0
+    hits: int = 0
+    stores: int = 0
+    saved_dollars: float = 0.0
+    saved_prompt_tokens: int = 0
+    saved_completion_tokens: int = 0
+    saved_model_seconds: float = 0.0
+    unpriced_hits: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class NamespaceStats(NamespaceCounts):
+    """One namespace: its evidence and feedback (from its policy book), and its counts since
+    start (:class:`NamespaceCounts`)."""
+
+    evidence: int = 0
+    feedback_correct: int = 0
+    feedback_wrong: int = 0
+    vetoed_entries: int = 0

@@ -25,7 +25,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from . import keys, validation
+from . import keys, prices, validation
 from .batching import Batcher
 from .config import Settings
 from .errors import StorageFailed
@@ -163,14 +163,15 @@ class Pipeline:
         if exact is not None:
             entry, tier = exact
             self._placement.served(entry, tier)
-            return self._hit(Hit(entry, 1.0, None), TierKind.EXACT, now, started)
+            return self._hit(request.namespace, Hit(entry, 1.0, None), TierKind.EXACT, now,
+                             started)
         if threshold is None:  # a bound is set that the evidence cannot support yet
-            return self._miss(0.0, MissReason.UNCALIBRATED, started)
+            return self._miss(request.namespace, 0.0, MissReason.UNCALIBRATED, started)
 
         with m.stage("embed"):
             vector = await self._embedder.submit(k.prompt, deadline=request.deadline)
         if vector is None:  # too long for the model: exact matches only
-            return self._miss(0.0, MissReason.TOO_LONG, started)
+            return self._miss(request.namespace, 0.0, MissReason.TOO_LONG, started)
 
         best, reason, best_score = 0.0, MissReason.NO_CANDIDATE, None
         for _ in range(1 + SEARCH_RETRIES):
@@ -178,13 +179,19 @@ class Pipeline:
             async for tier, candidates in self._search(k.partition, vector, now):
                 if candidates:
                     best = max(best, candidates[0].similarity)
+                # Stage "decide": reading the candidates back, and the decision; the
+                # verifier between them is stage "verify".
+                resolving = time.perf_counter()
                 resolved = await self._resolve(candidates, vector, gate, verify, now)
+                resolving = time.perf_counter() - resolving
                 scores = (await self._verify(k.prompt, resolved, gate, request.deadline)
                           if verify else None)
+                deciding = time.perf_counter()
                 found = decide(bool(candidates), resolved, scores, gate=gate, threshold=threshold)
+                m.record("decide", resolving + time.perf_counter() - deciding)
                 if isinstance(found, Hit):
                     self._placement.served(found.entry, tier)
-                    return self._hit(found, tier, now, started)
+                    return self._hit(request.namespace, found, tier, now, started)
                 reason = max(reason, found)
                 if scores:
                     best_score = max(scores) if best_score is None else max(best_score, *scores)
@@ -193,7 +200,7 @@ class Pipeline:
 
         if reason <= MissReason.BELOW_SIMILARITY and await self._stored_elsewhere(k, now):
             reason = MissReason.OTHER_SCOPE
-        return self._miss(best, reason, started, best_score)
+        return self._miss(request.namespace, best, reason, started, best_score)
 
     def _keys(self, request: LookupRequest | StoreRequest) -> Keys:
         prompt = keys.normalise_prompt(request.prompt)
@@ -302,8 +309,9 @@ class Pipeline:
         while len(self._scope_hints) > SCOPE_HINTS:
             self._scope_hints.popitem(last=False)
 
-    def _hit(self, hit: Hit, tier: TierKind, now: float, started: float) -> LookupResult:
-        self._metrics.hits[tier] += 1
+    def _hit(self, namespace: str, hit: Hit, tier: TierKind, now: float,
+             started: float) -> LookupResult:
+        self._metrics.hit(namespace, tier, hit.entry.cost)
         elapsed = time.perf_counter() - started
         self._metrics.record("lookup", elapsed)
         e = hit.entry
@@ -313,9 +321,9 @@ class Pipeline:
                             verifier_score=hit.verifier_score, metadata=dict(e.metadata),
                             server_time_us=int(elapsed * 1e6))
 
-    def _miss(self, best_similarity: float, reason: MissReason, started: float,
+    def _miss(self, namespace: str, best_similarity: float, reason: MissReason, started: float,
               verifier_score: float | None = None) -> LookupResult:
-        self._metrics.misses += 1
+        self._metrics.miss(namespace, reason)
         elapsed = time.perf_counter() - started
         self._metrics.record("lookup", elapsed)
         return LookupResult(hit=False, best_similarity=best_similarity, miss_reason=reason,
@@ -336,6 +344,7 @@ class Pipeline:
         m = self._metrics
         with m.stage("validate"):
             request = validation.store(request)
+            cost = prices.checked_cost(request.cost)
             k = self._keys(request)
         with m.stage("embed"):
             vector = await self._embedder.submit(k.prompt, deadline=request.deadline)
@@ -350,11 +359,11 @@ class Pipeline:
             vector=vector, created_at=now,
             expires_at=None if request.ttl_s is None else now + request.ttl_s,
             template_id=request.template_id, template_version=request.template_version,
-            user_id=request.user_id, metadata=dict(request.metadata))
+            user_id=request.user_id, metadata=dict(request.metadata), cost=cost)
         with m.stage("store_durable"):
             replaced = await self._placement.shielded(self._store_entry(entry))
         self._remember_scope(k)
-        m.stores += 1
+        m.stored(request.namespace)
         m.record("store", time.perf_counter() - started)
         return StoreResult(entry.id, replaced)
 

@@ -16,7 +16,8 @@ Version 2, plain (entries without a user, or encoded without a key ring); little
     u32 meta CRC-32       over bytes 0-5, 10 to the end of the meta part, then a vector stored apart
     u32 response CRC-32   over the response
     H   JSON header       id, namespace, partition, exact key, prompt, times, template, user,
-                          metadata, dim (the vector's length, wherever it is), rlen (response bytes)
+                          metadata, dim (the vector's length, wherever it is), rlen (response
+                          bytes), and ``cost`` when the entry has one (see below)
     4*dim bytes           the unit-normalised float32 embedding (absent when stored apart)
     the response bytes, to the end
 
@@ -41,6 +42,11 @@ part. Destroying the user's key makes every copy unreadable, including those LMD
 pages. A vector stored apart stays in clear (decoding never needs the key to read it): the cold
 tier keeps it in a column of its own and must scrub deleted rows itself (SQLite's
 ``secure_delete``, then a WAL checkpoint that truncates), as it must for its user id column.
+
+The header's ``cost`` (what the answer cost to make: ``{"model", "prompt_tokens",
+"completion_tokens", "latency_s"}``, each key present only when known) is optional: records
+written before it existed, and entries stored without a cost, have no such key and decode with
+``cost`` None; a build that predates it ignores it. So it needs no new format version.
 
 Version 1 (existing data directories; no checksum, so damage that leaves the header valid goes
 unseen): u8 1, u32 H, JSON header (dim 0 when the vector is stored apart), vector, response.
@@ -110,8 +116,52 @@ class Tier(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class AnswerCost:
+    """What one model call cost to make an answer; every field is optional.
+
+    Attributes:
+        model: the model's name, as the price table names it (e.g. "gpt-4o").
+        prompt_tokens, completion_tokens: tokens the model read and wrote.
+        latency_s: seconds the model took.
+    """
+
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    latency_s: float | None = None
+
+    def to_json(self) -> dict[str, str | int | float]:
+        """The known fields, by name (the record header's and the dump's ``cost``)."""
+        return {k: v for k in _COST_FIELDS if (v := getattr(self, k)) is not None}
+
+    @classmethod
+    def from_json(cls, value: object) -> "AnswerCost":
+        """The cost :meth:`to_json` wrote. Keys it does not know are ignored, as the header's
+        are: a later version may add some.
+
+        Raises:
+            ValueError: not an object, or a field not of its type (str, int, int, number).
+        """
+        if not isinstance(value, dict):
+            raise ValueError(f"cost must be an object with some of {', '.join(_COST_FIELDS)}")
+        for name, types in zip(_COST_FIELDS, (str, int, int, (int, float))):
+            v = value.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, types)):
+                raise ValueError(f"cost.{name} is {v!r}, not a {_COST_TYPE_NAMES[name]}")
+        latency = value.get("latency_s")
+        return cls(value.get("model"), value.get("prompt_tokens"),
+                   value.get("completion_tokens"), None if latency is None else float(latency))
+
+
+_COST_FIELDS = ("model", "prompt_tokens", "completion_tokens", "latency_s")
+_COST_TYPE_NAMES = {"model": "string", "prompt_tokens": "whole number",
+                    "completion_tokens": "whole number", "latency_s": "number of seconds"}
+
+
+@dataclass(frozen=True, slots=True)
 class Entry:
-    """One stored answer. ``vector`` is unit-normalised float32; times are Unix seconds."""
+    """One stored answer. ``vector`` is unit-normalised float32; times are Unix seconds;
+    ``cost`` what the answer cost to make, if the Store said."""
 
     id: str
     namespace: str
@@ -126,6 +176,7 @@ class Entry:
     template_version: str | None = None
     user_id: str | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    cost: AnswerCost | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and self.expires_at <= now
@@ -170,7 +221,7 @@ def encode(entry: Entry, *, with_vector: bool = True, keys: KeyRing | None = Non
         The record's bytes.
     """
     vector = np.ascontiguousarray(entry.vector, dtype="<f4").tobytes()
-    header = json.dumps({
+    fields = {
         "id": entry.id,
         "ns": entry.namespace,
         "part": entry.partition.hex(),
@@ -184,7 +235,10 @@ def encode(entry: Entry, *, with_vector: bool = True, keys: KeyRing | None = Non
         "meta": dict(entry.metadata),
         "dim": len(vector) // 4,
         "rlen": len(entry.response),
-    }, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    }
+    if entry.cost is not None:  # absent otherwise: an entry without one encodes as before
+        fields["cost"] = entry.cost.to_json()
+    header = json.dumps(fields, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     flags = 0 if with_vector else _VECTOR_APART
     inline, apart = (vector, b"") if with_vector else (b"", vector)
     if entry.user_id is not None and keys is not None:
@@ -450,7 +504,8 @@ def _entry(h: dict, vector: np.ndarray, response: bytes, entry_id: str | None, *
         id=h["id"], namespace=h["ns"], partition=bytes.fromhex(h["part"]),
         exact_key=bytes.fromhex(h["exact"]), prompt=h["prompt"], response=response,
         vector=vector, created_at=h["created"], expires_at=h["expires"], template_id=h["tid"],
-        template_version=h["tver"], user_id=h["user"], metadata=h["meta"])
+        template_version=h["tver"], user_id=h["user"], metadata=h["meta"],
+        cost=None if (cost := h.get("cost")) is None else AnswerCost.from_json(cost))
 
 
 def _vector_bytes(vector: np.ndarray | bytes | memoryview) -> bytes | memoryview:

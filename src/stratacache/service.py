@@ -2,25 +2,41 @@
 back.
 
 Every RPC of both services runs through one wrapper (:func:`_unary`), built from the service
-descriptors so no method is listed twice:
+descriptors so no method is listed twice. In order, it:
 
-- it decodes the request itself: grpc.aio runs a method's request deserializer outside the
-  handler, so a request that fails to decode (truncated bytes, invalid UTF-8 in a string) would
-  come back UNKNOWN with a traceback in the log; here it is INVALID_ARGUMENT with one log line;
-- engine errors map to status codes in one table (``_STATUS``), each with one log line
-  (method, status, message) and the engine's message, written for a person;
-- only unexpected exceptions are logged with a traceback; the client gets INTERNAL, never one.
+1. authenticates the call's key (``access``): none or a wrong one is UNAUTHENTICATED;
+2. decodes the request itself: grpc.aio runs a method's request deserializer outside the
+   handler, so a request that fails to decode (truncated bytes, invalid UTF-8 in a string) would
+   come back UNKNOWN with a traceback in the log; here it is INVALID_ARGUMENT with one log line;
+3. authorizes it: the role the method needs (:data:`_CALL_ROLES`; ``admin`` for every CacheAdmin
+   method) and the namespace the request names are the key's, or PERMISSION_DENIED;
+4. applies the rate limits of Lookup and Store (``ratelimit``): RESOURCE_EXHAUSTED at once, with
+   ``retry-after-ms`` in the trailing metadata;
+5. runs the servicer's method, which gets the :class:`~stratacache.access.Caller` to narrow
+   what a scoped key sees (Stats, DeleteEntry).
 
-Health (``grpc.health.v1``) and server reflection are registered so grpcurl and load balancers
-work out of the box.
+Around all of it every call has a request id (``x-request-id`` from the caller, else a new one;
+sent back in the trailing metadata, and on each log line written during the call), a span when
+tracing is on (``tracing``), one access-log line when it ends (``logs``), and a count by final
+status in the metrics (``stratacache_calls_total``).
+
+Errors map to status codes in one table (``_STATUS``), each with one log line (method, status,
+message) and a message written for a person; floods of UNAUTHENTICATED and RESOURCE_EXHAUSTED
+are logged at most once a second. Only unexpected exceptions are logged with a traceback; the
+client gets INTERNAL, never one. Servicer methods raise ``CacheError``s and never abort a call
+themselves, so the wrapper knows every call's final status.
+
+Health (``grpc.health.v1``) and server reflection are registered, open without a key (the API's
+schema, no data), so grpcurl and load balancers work out of the box.
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -30,11 +46,14 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import errors
+from . import errors, logs, tls, tracing, validation
+from .access import Caller, KeyStore, PermissionDenied, Unauthenticated
 from .config import Settings
 from .engine import Engine
-from .messages import LookupRequest, StageStats, Stats, StoreRequest, TierStats
+from .metrics import HIT_RESULTS, MISS_RESULTS, Metrics, MetricsServer, serve_metrics
+from .messages import AnswerCost, LookupRequest, StageStats, Stats, StoreRequest, TierStats
 from .policy import Policy, PolicyStatus
+from .ratelimit import RETRY_AFTER_METADATA, RateLimited, RateLimiter, Subject
 from .v1 import stratacache_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -46,19 +65,29 @@ _STATUS: dict[type[errors.CacheError], grpc.StatusCode] = {
     errors.StorageFull: grpc.StatusCode.FAILED_PRECONDITION,
     errors.StorageFailed: grpc.StatusCode.INTERNAL,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 #: Statuses that are the caller's to fix, or a normal shutdown: logged at INFO. The others say
 #: the server is short of something or failing, and are logged at WARNING.
 _CALLER_STATUSES = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                              grpc.StatusCode.UNAVAILABLE})
-#: Seconds between log lines about one method's RESOURCE_EXHAUSTED refusals.
+                              grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED,
+                              grpc.StatusCode.PERMISSION_DENIED})
+#: Statuses that come in floods (an overload, a limit, a scan for keys): logged at most once per
+#: REFUSAL_LOG_INTERVAL_S per method, with how many there were.
+_FLOOD_STATUSES = (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED)
+#: Seconds between log lines about one method's refusals of one _FLOOD_STATUSES status.
 REFUSAL_LOG_INTERVAL_S = 1.0
+#: The role each SemanticCache method needs (``access.ROLES``); every CacheAdmin method needs
+#: "admin". The rate limits of a role ("lookup", "store") apply to its method.
+_CALL_ROLES = {"Lookup": "lookup", "Store": "store", "Feedback": "feedback"}
+_ADMIN_SERVICE = "CacheAdmin"
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["SemanticCache"],
-            pb.DESCRIPTOR.services_by_name["CacheAdmin"])
+            pb.DESCRIPTOR.services_by_name[_ADMIN_SERVICE])
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
 
-_Behaviour = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]
+_Behaviour = Callable[[Any, grpc.aio.ServicerContext, Caller], Awaitable[Message]]
 
 
 def status_of(error: errors.CacheError) -> grpc.StatusCode:
@@ -69,17 +98,9 @@ def status_of(error: errors.CacheError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-async def _abort(context: grpc.aio.ServicerContext, method: str, code: grpc.StatusCode,
-                 message: str, *, logged: bool = True) -> None:
-    if logged:
-        log.log(logging.INFO if code in _CALLER_STATUSES else logging.WARNING, "%s -> %s: %s",
-                method, code.name, message)
-    await context.abort(code, message)
-
-
 class _Refusals:
-    """Counts one method's RESOURCE_EXHAUSTED refusals and says when to log them: at once, then
-    at most once per REFUSAL_LOG_INTERVAL_S with how many there were (an overload refuses
+    """Counts one method's refusals of one status and says when to log them: at once, then at
+    most once per REFUSAL_LOG_INTERVAL_S with how many there were (an overload refuses
     thousands of calls a second; a line each would spend the CPU the overload lacks)."""
 
     def __init__(self) -> None:
@@ -96,41 +117,121 @@ class _Refusals:
         return count
 
 
-def _unary(method: MethodDescriptor, behaviour: _Behaviour,
-           ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
-    """The handler of one unary RPC: decode, run ``behaviour``, map its errors (module doc)."""
+def _role(service: ServiceDescriptor, method: MethodDescriptor) -> str:
+    if service.name == _ADMIN_SERVICE:
+        return "admin"
+    if method.name not in _CALL_ROLES:
+        raise TypeError(f"{method.full_name} needs a role: add it to service._CALL_ROLES")
+    return _CALL_ROLES[method.name]
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """What every call of one server passes through besides its servicer method."""
+
+    keys: KeyStore
+    limiter: RateLimiter
+    metrics: Metrics
+    requests: logs.RequestLog
+
+
+def _unary(service: ServiceDescriptor, method: MethodDescriptor, behaviour: _Behaviour,
+           layer: _Layer) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+    """The handler of one unary RPC: authenticate, decode, authorize, rate-limit, run
+    ``behaviour``, map its errors; log, trace and count it (module doc)."""
+    keys, limiter, metrics = layer.keys, layer.limiter, layer.metrics
     request_type = message_factory.GetMessageClass(method.input_type)
-    refusals = _Refusals()
+    role = _role(service, method)
+    limited = limiter.limits(role)
+    namespace_field = method.input_type.fields_by_name.get("namespace")
+    # DeleteUser's namespace is optional: absent means every namespace.
+    every_if_absent = namespace_field is not None and namespace_field.has_presence
+    # Store's and Lookup's optional user id (the per-user limit's user; DeleteUser's is a target)
+    user_field = method.input_type.fields_by_name.get("user_id")
+    has_user_id = user_field is not None and user_field.has_presence
+    refusals = {code: _Refusals() for code in _FLOOD_STATUSES}
+
+    def namespace_of(request: Any) -> str | None:
+        if every_if_absent and not request.HasField("namespace"):
+            return None
+        # The engine's own rule ("" is "default"; INVALID_ARGUMENT if malformed), so the
+        # namespace authorized and limited is the one the call will use.
+        return validation.namespace(request.namespace)
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        request = request_type()
+        code = grpc.StatusCode.UNKNOWN
+        namespace: str | None = None
+        call = layer.requests.begin(method.name, context.invocation_metadata(),
+                                    service=service.full_name)
+        context.set_trailing_metadata(((logs.REQUEST_ID_KEY, call.request_id),))
         try:
-            request.ParseFromString(raw)
-        except DecodeError as exc:
-            await _abort(context, method.name, grpc.StatusCode.INVALID_ARGUMENT,
-                         f"request could not be decoded as {method.input_type.full_name}: {exc}; "
-                         "send a message built from stratacache.proto (strings must be UTF-8)")
-        try:
-            return await behaviour(request, context)
+            caller = keys.authenticate(_authorization(context) if keys.required else None)
+            request = request_type()
+            try:
+                request.ParseFromString(raw)
+            except DecodeError as exc:
+                raise errors.InvalidArgument(
+                    f"request could not be decoded as {method.input_type.full_name}: {exc}; "
+                    "send a message built from stratacache.proto (strings must be UTF-8)"
+                    ) from None
+            caller.check_role(method.name, role)
+            if namespace_field is not None:
+                namespace = namespace_of(request)
+                call.note(namespace=namespace)
+                caller.check_namespace(method.name, namespace)
+            user_id = (validation.user_id(request.user_id)
+                       if has_user_id and request.HasField("user_id") else None)
+            if limited:
+                assert namespace is not None  # Lookup and Store always name one
+                limiter.check(role, namespace=namespace, user=Subject.of(
+                    user_id=user_id, key_name=caller.name,
+                    peer="" if user_id or caller.name else context.peer()))
+            reply = await behaviour(request, context, caller)
+            code = grpc.StatusCode.OK
+            return reply
         except errors.CacheError as exc:
             code = status_of(exc)
-            if code is grpc.StatusCode.RESOURCE_EXHAUSTED and (count := refusals.refused()):
-                log.info("%s -> RESOURCE_EXHAUSTED (%d calls since the last line): %s",
-                         method.name, count, exc)
-            await _abort(context, method.name, code, str(exc),
-                         logged=code is not grpc.StatusCode.RESOURCE_EXHAUSTED)
-        except grpc.aio.AbortError:  # the behaviour aborted the call itself: already answered
+            trailing: tuple[tuple[str, str], ...] = ()
+            if isinstance(exc, RateLimited):
+                metrics.rate_limited(method.name, exc.limit)
+                trailing = ((RETRY_AFTER_METADATA, str(exc.retry_after_ms)),)
+            if code in refusals:
+                if count := refusals[code].refused():
+                    log.info("%s -> %s (%d calls since the last line): %s", method.name,
+                             code.name, count, exc)
+            else:
+                log.log(logging.INFO if code in _CALLER_STATUSES else logging.WARNING,
+                        "%s -> %s: %s", method.name, code.name, exc)
+            # Keep trailing metadata set earlier in the call: abort's own replaces it.
+            await context.abort(code, str(exc),
+                                trailing_metadata=(*(context.trailing_metadata() or ()), *trailing))
+        except asyncio.CancelledError:  # the client went away, or the deadline passed
+            remaining = context.time_remaining()
+            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                    else grpc.StatusCode.CANCELLED)
             raise
         except Exception:
+            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed unexpectedly", method.name)
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error: the server logged "
-                                "it; nothing was changed by this call")
+            await context.abort(code, "internal error: the server logged it; nothing was "
+                                "changed by this call")
+        finally:  # every call's final status is known here
+            metrics.call_finished(method.name, code.name)
+            call.finish(code.name)
         raise AssertionError("unreachable")  # context.abort always raises
 
     return handle
 
 
-def _add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object) -> None:
+def _authorization(context: grpc.aio.ServicerContext) -> str | bytes | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value  # type: ignore[no-any-return]
+    return None
+
+
+def _add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: object,
+                 layer: _Layer) -> None:
     """Registers each RPC of ``service`` with the servicer's method of the same name. Requests
     arrive as bytes (no deserializer) and are decoded by :func:`_unary`."""
     handlers = {}
@@ -138,7 +239,8 @@ def _add_service(server: grpc.aio.Server, service: ServiceDescriptor, servicer: 
         if method.client_streaming or method.server_streaming:
             raise TypeError(f"{method.full_name} streams; only unary RPCs are served")
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _unary(method, getattr(servicer, method.name)), request_deserializer=None,
+            _unary(service, method, getattr(servicer, method.name), layer),
+            request_deserializer=None,
             response_serializer=message_factory.GetMessageClass(
                 method.output_type).SerializeToString)
     server.add_generic_rpc_handlers(
@@ -163,13 +265,19 @@ class SemanticCacheServicer:
         self._engine = engine
 
     async def Lookup(self, request: pb.LookupRequest,
-                     context: grpc.aio.ServicerContext) -> pb.LookupResponse:
+                     context: grpc.aio.ServicerContext, caller: Caller) -> pb.LookupResponse:
         result = await self._engine.lookup(LookupRequest(
             prompt=request.prompt, namespace=request.namespace, scope=dict(request.scope),
             template_id=_opt(request, "template_id"),  # type: ignore[arg-type]
             template_version=_opt(request, "template_version"),  # type: ignore[arg-type]
             min_similarity=_opt(request, "min_similarity"),  # type: ignore[arg-type]
             deadline=_deadline(context)))
+        logs.note(outcome=(HIT_RESULTS[result.tier] if result.tier is not None
+                           else MISS_RESULTS[result.miss_reason] if result.miss_reason is not None
+                           else "miss"),
+                  tier=None if result.tier is None else HIT_RESULTS[result.tier],
+                  similarity=result.similarity if result.hit else result.best_similarity,
+                  prompt=request.prompt, response=result.response if result.hit else None)
         return pb.LookupResponse(
             hit=result.hit, response=result.response, similarity=result.similarity,
             matched_prompt=result.matched_prompt, entry_id=result.entry_id,
@@ -180,7 +288,8 @@ class SemanticCacheServicer:
             metadata=dict(result.metadata))
 
     async def Store(self, request: pb.StoreRequest,
-                    context: grpc.aio.ServicerContext) -> pb.StoreResponse:
+                    context: grpc.aio.ServicerContext, caller: Caller) -> pb.StoreResponse:
+        cost = request.cost if request.HasField("cost") else None
         result = await self._engine.store(StoreRequest(
             prompt=request.prompt, response=request.response, namespace=request.namespace,
             scope=dict(request.scope),
@@ -188,11 +297,18 @@ class SemanticCacheServicer:
             template_version=_opt(request, "template_version"),  # type: ignore[arg-type]
             ttl_s=_opt(request, "ttl_s"),  # type: ignore[arg-type]
             user_id=_opt(request, "user_id"),  # type: ignore[arg-type]
-            metadata=dict(request.metadata), deadline=_deadline(context)))
+            metadata=dict(request.metadata), deadline=_deadline(context),
+            cost=None if cost is None else AnswerCost(
+                model=_opt(cost, "model"),  # type: ignore[arg-type]
+                prompt_tokens=_opt(cost, "prompt_tokens"),  # type: ignore[arg-type]
+                completion_tokens=_opt(cost, "completion_tokens"),  # type: ignore[arg-type]
+                latency_s=_opt(cost, "latency_s"))))  # type: ignore[arg-type]
+        logs.note(outcome="replaced" if result.replaced else "stored", prompt=request.prompt,
+                  response=request.response)
         return pb.StoreResponse(entry_id=result.entry_id, replaced=result.replaced)
 
     async def Feedback(self, request: pb.FeedbackRequest,
-                       context: grpc.aio.ServicerContext) -> pb.FeedbackResponse:
+                       context: grpc.aio.ServicerContext, caller: Caller) -> pb.FeedbackResponse:
         deleted, status = await self._engine.feedback(
             request.namespace, request.entry_id, request.prompt, request.correct)
         return pb.FeedbackResponse(entry_deleted=deleted, policy=policy_to_proto(status))
@@ -205,31 +321,38 @@ class CacheAdminServicer:
         self._engine = engine
 
     async def InvalidateTemplate(self, request: pb.InvalidateTemplateRequest,
-                                 context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
+                                 context: grpc.aio.ServicerContext,
+                                 caller: Caller) -> pb.InvalidateResponse:
         version: str | None = _opt(request, "version")  # type: ignore[assignment]
         return pb.InvalidateResponse(removed=await self._engine.invalidate_template(
             request.namespace, request.template_id, version))
 
     async def InvalidateNamespace(self, request: pb.InvalidateNamespaceRequest,
-                                  context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
+                                  context: grpc.aio.ServicerContext,
+                                  caller: Caller) -> pb.InvalidateResponse:
         return pb.InvalidateResponse(
             removed=await self._engine.invalidate_namespace(request.namespace))
 
     async def DeleteEntry(self, request: pb.DeleteEntryRequest,
-                          context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
-        return pb.InvalidateResponse(removed=await self._engine.delete_entry(request.entry_id))
+                          context: grpc.aio.ServicerContext,
+                          caller: Caller) -> pb.InvalidateResponse:
+        # A scoped key removes only entries of its namespaces; another answers as not found.
+        within = None if caller.every_namespace else caller.may_use
+        return pb.InvalidateResponse(removed=await self._engine.delete_entry(
+            request.entry_id, within=within))
 
     async def DeleteUser(self, request: pb.DeleteUserRequest,
-                         context: grpc.aio.ServicerContext) -> pb.InvalidateResponse:
+                         context: grpc.aio.ServicerContext,
+                         caller: Caller) -> pb.InvalidateResponse:
         return pb.InvalidateResponse(removed=await self._engine.delete_user(
             request.user_id, _opt(request, "namespace")))  # type: ignore[arg-type]
 
     async def Stats(self, request: pb.StatsRequest,
-                    context: grpc.aio.ServicerContext) -> pb.StatsResponse:
-        return stats_to_proto(await self._engine.stats())
+                    context: grpc.aio.ServicerContext, caller: Caller) -> pb.StatsResponse:
+        return scoped_stats(stats_to_proto(await self._engine.stats()), caller)
 
     async def SetPolicy(self, request: pb.SetPolicyRequest,
-                        context: grpc.aio.ServicerContext) -> pb.PolicyStatus:
+                        context: grpc.aio.ServicerContext, caller: Caller) -> pb.PolicyStatus:
         policy = Policy(max_wrong_rate=_opt(request, "max_wrong_rate"),  # type: ignore[arg-type]
                         min_similarity=_opt(request, "min_similarity"),  # type: ignore[arg-type]
                         verify=_opt(request, "verify"))  # type: ignore[arg-type]
@@ -237,11 +360,12 @@ class CacheAdminServicer:
             request.namespace, policy, clear_evidence=request.clear_evidence))
 
     async def GetPolicy(self, request: pb.GetPolicyRequest,
-                        context: grpc.aio.ServicerContext) -> pb.PolicyStatus:
+                        context: grpc.aio.ServicerContext, caller: Caller) -> pb.PolicyStatus:
         return policy_to_proto(await self._engine.policy_status(request.namespace))
 
     async def AddEvidence(self, request: pb.AddEvidenceRequest,
-                          context: grpc.aio.ServicerContext) -> pb.AddEvidenceResponse:
+                          context: grpc.aio.ServicerContext,
+                          caller: Caller) -> pb.AddEvidenceResponse:
         added, skipped, status = await self._engine.add_evidence(
             request.namespace, [(p.a, p.b, p.duplicate) for p in request.pairs])
         return pb.AddEvidenceResponse(added=added, skipped=skipped, policy=policy_to_proto(status))
@@ -282,67 +406,96 @@ def stats_to_proto(stats: Stats) -> pb.StatsResponse:
         verify_pairs=stats.verify_pairs, shed_deadline=stats.shed_deadline,
         model_restarts=stats.model_restarts, storage_errors=stats.storage_errors,
         damaged_records=stats.damaged_records, erased_records=stats.erased_records,
-        loop_lag=stage(stats.loop_lag),
-        namespaces={ns: pb.NamespaceStats(evidence=n.evidence,
-                                          feedback_correct=n.feedback_correct,
-                                          feedback_wrong=n.feedback_wrong,
-                                          vetoed_entries=n.vetoed_entries)
-                    for ns, n in stats.namespaces.items()})
+        loop_lag=stage(stats.loop_lag), saved_dollars=stats.saved_dollars,
+        saved_prompt_tokens=stats.saved_prompt_tokens,
+        saved_completion_tokens=stats.saved_completion_tokens,
+        saved_model_seconds=stats.saved_model_seconds,
+        namespaces={ns: pb.NamespaceStats(
+            evidence=n.evidence, feedback_correct=n.feedback_correct,
+            feedback_wrong=n.feedback_wrong, vetoed_entries=n.vetoed_entries, lookups=n.lookups,
+            hits=n.hits, stores=n.stores, saved_dollars=n.saved_dollars,
+            saved_prompt_tokens=n.saved_prompt_tokens,
+            saved_completion_tokens=n.saved_completion_tokens,
+            saved_model_seconds=n.saved_model_seconds, unpriced_hits=n.unpriced_hits)
+            for ns, n in stats.namespaces.items()})
 
 
-class _ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects calls without ``authorization: Bearer <key>``. Health checks and reflection (the
-    API's schema, no data) stay open, so load balancers and grpcurl need no key."""
+#: StatsResponse fields a scoped key sees as they are: what the server is, not what was done on it.
+_SERVER_FIELDS = frozenset({"model", "dimension", "device", "default_min_similarity", "uptime_s",
+                            "simd_isa", "verifier"})
 
-    _OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, api_key: str) -> None:
-        self._expected = f"Bearer {api_key}".encode()
+def scoped_stats(reply: pb.StatsResponse, caller: Caller) -> pb.StatsResponse:
+    """Stats as ``caller``'s key may see them (narrowed in place).
 
-        async def deny(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong API key: send metadata "
-                                "'authorization: Bearer <key>' (Client(api_key=...))")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        method = handler_call_details.method
-        if method.startswith(self._OPEN):
-            return await continuation(handler_call_details)
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self._expected):
-            return await continuation(handler_call_details)
-        return self._deny
+    A key that covers every namespace sees everything. A scoped key (one without ``"*"``) sees
+    ``namespaces`` narrowed to the namespaces it covers, and of the other fields only those
+    that describe the server (:data:`_SERVER_FIELDS`: model, dimension, device, default
+    similarity, uptime, SIMD ISA, verifier). Every other field is cleared (zero): the
+    server-wide lookups, hits, misses, stores and saved_* totals, tier sizes and hits, stage and
+    batch counts all add up every tenant's traffic, and would let one tenant watch another's. A
+    field added to StatsResponse later is cleared for scoped keys too, until listed there.
+    """
+    if caller.every_namespace:
+        return reply
+    for field in reply.DESCRIPTOR.fields:
+        if field.name == "namespaces":
+            for namespace in [n for n in reply.namespaces if not caller.may_use(n)]:
+                del reply.namespaces[namespace]
+        elif field.name not in _SERVER_FIELDS:
+            reply.ClearField(field.name)
+    return reply
 
 
 class CacheServer:
-    """A grpc.aio server around one engine: serving, health, reflection, graceful stop."""
+    """A grpc.aio server around one engine: serving, health, reflection, graceful stop.
+
+    Attributes:
+        keys: the server's API keys; ``keys.reload()`` reads the keys file again (on SIGHUP).
+        limiter: its rate limits.
+
+    Raises:
+        KeysFileError: the keys file does not load.
+        ImportError: --otlp-endpoint without the ``otel`` extra installed.
+    """
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self._settings = settings
-        interceptors = ([_ApiKeyInterceptor(settings.api_key)] if settings.api_key is not None
-                        else [])
+        self.keys = KeyStore.from_settings(settings)
+        self.limiter = RateLimiter.from_settings(settings)
+        self._tracer = (tracing.Tracer.from_endpoint(settings.otlp_endpoint)
+                        if settings.otlp_endpoint else None)
+        layer = _Layer(self.keys, self.limiter, engine.metrics,
+                       logs.RequestLog(log_prompts=settings.log_prompts, tracer=self._tracer))
+        self.metrics_server: MetricsServer | None = None
         options = [("grpc.max_receive_message_length", settings.max_message_bytes),
                    ("grpc.max_send_message_length", settings.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self._server = grpc.aio.server(interceptors=interceptors, options=options,
+        self._server = grpc.aio.server(options=options,
                                        maximum_concurrent_rpcs=settings.max_concurrent_rpcs)
         for service, servicer in zip(SERVICES, (SemanticCacheServicer(engine),
                                                  CacheAdminServicer(engine))):
-            _add_service(self._server, service, servicer)
+            _add_service(self._server, service, servicer, layer)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
-        self.port = self._server.add_insecure_port(f"{settings.host}:{settings.port}")
+        self.port = tls.add_port(self._server, f"{settings.host}:{settings.port}", settings)
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.host}:{settings.port}: the address is in "
                           "use or not local (pick another --port/--host)")
 
     async def start(self) -> None:
+        """Serves gRPC, and /metrics when --metrics-port is set.
+
+        Raises:
+            OSError: the metrics address cannot be bound (the message names --metrics-port).
+        """
+        if self._settings.metrics_port:
+            self.metrics_server = serve_metrics(self.engine.metrics.registry,
+                                                self._settings.metrics_host,
+                                                self._settings.metrics_port)
         await self._server.start()
         for name in SERVICE_NAMES + ("",):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -352,6 +505,10 @@ class CacheServer:
         grace = self._settings.shutdown_grace_s if grace_s is None else grace_s
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        if self._tracer is not None:  # flushes spans: may wait on the collector
+            await asyncio.to_thread(self._tracer.shutdown)
         await self.engine.close()
 
     async def wait(self) -> None:

@@ -17,7 +17,10 @@ The dump, one JSON object a line (UTF-8):
   keeps only this digest, not the scope itself), ``template_id``, ``template_version``,
   ``user_id``, ``created_at`` and ``expires_at`` (Unix seconds; null: never), ``metadata``,
   ``prompt``, ``response`` (base64) and ``vector`` (base64 of little-endian float32, the
-  header's model's embedding of the normalised prompt; null or absent: embed on import);
+  header's model's embedding of the normalised prompt; null or absent: embed on import), and
+  ``cost`` when the entry was stored with one (``{"model", "prompt_tokens",
+  "completion_tokens", "latency_s"}``, the fields it has; absent otherwise, as in dumps made
+  before it existed);
 - the last line, the trailer: ``{"end": {"entries": n}}``. A dump without it was cut short.
 
 Export leaves out expired entries, and those of deleted users (their records are unreadable
@@ -60,13 +63,13 @@ from typing import IO, Any
 import lmdb
 import numpy as np
 
-from . import config, datadir, keys, reindex, validation
+from . import config, datadir, keys, prices, reindex, validation
 from .datadir import DataDir
 from .embed import Encoder, ModelIdentity
 from .errors import CacheError, DataDirMismatch, InvalidArgument
 from .keyring import KeyRing
 from .messages import StoreRequest
-from .records import Entry
+from .records import AnswerCost, Entry
 from .tiers.base import Filter, Quarantine
 from .tiers.cold import ColdTier, count_stored as cold_count
 from .tiers.warm import WarmTier, count_stored as warm_count
@@ -291,13 +294,16 @@ def _b64(data: bytes) -> str:
 
 
 def _dump_line(e: Entry, tier: str) -> bytes:
-    return _line({
+    line = {
         "id": e.id, "tier": tier, "namespace": e.namespace, "partition": e.partition.hex(),
         "template_id": e.template_id, "template_version": e.template_version,
         "user_id": e.user_id, "created_at": e.created_at, "expires_at": e.expires_at,
         "metadata": dict(sorted(e.metadata.items())), "prompt": e.prompt,
         "response": _b64(e.response),
-        "vector": _b64(np.ascontiguousarray(e.vector, dtype="<f4").tobytes())})
+        "vector": _b64(np.ascontiguousarray(e.vector, dtype="<f4").tobytes())}
+    if e.cost is not None:
+        line["cost"] = e.cost.to_json()
+    return _line(line)
 
 
 def _existing_manifest(data_dir: Path, what: str) -> dict:
@@ -634,12 +640,17 @@ class _Import:
         except (binascii.Error, ValueError):
             raise BadDump("response is not base64") from None
         try:
+            cost = None if obj.get("cost") is None else AnswerCost.from_json(obj["cost"])
+        except ValueError as exc:
+            raise BadDump(str(exc)) from None
+        try:
             validation.entry_id(obj["id"])
             request = validation.store(StoreRequest(
                 prompt=obj["prompt"], response=response, namespace=obj["namespace"],
                 template_id=obj.get("template_id"),
                 template_version=obj.get("template_version"), user_id=obj.get("user_id"),
                 metadata=metadata))
+            cost = prices.checked_cost(cost)
         except InvalidArgument as exc:
             raise BadDump(str(exc)) from None
         created, expires = obj["created_at"], obj.get("expires_at")
@@ -660,7 +671,7 @@ class _Import:
             prompt=request.prompt, response=response, vector=vector,
             created_at=float(created), expires_at=None if expires is None else float(expires),
             template_id=request.template_id, template_version=request.template_version,
-            user_id=request.user_id, metadata=metadata))
+            user_id=request.user_id, metadata=metadata, cost=cost))
 
     def _vector(self, value: Any) -> np.ndarray:
         """The line's vector when it can be used as it is, else an empty one (embed here)."""

@@ -89,6 +89,11 @@ def _label(name: str, value: str | None) -> str | None:
     return value
 
 
+def user_id(value: str | None) -> str | None:
+    """A user id (Store's owner, Lookup's asker): at most MAX_LABEL_BYTES, never empty."""
+    return _label("user_id", value)
+
+
 def prompt(value: str, name: str = "prompt") -> str:
     size = len(value.encode())
     if not value.strip():
