@@ -99,3 +99,12 @@ def test_hit_returns_the_stored_metadata(client: Client, namespace: str) -> None
     miss = client.lookup("Name the capital of Peru.", namespace=namespace)
     assert not miss.hit and miss.metadata == {}
     hash(hit)  # still hashable: the metadata dict is left out of the hash
+
+
+def test_health_needs_no_key_and_names_an_unknown_service(start_server) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(api_key="k" * 40)
+    with server.client() as c:  # no key: health stays open, as load balancers ask it
+        assert c.health() == "SERVING"
+        assert c.health("stratacache.v1.SemanticCache") == "SERVING"
+        with pytest.raises(stratacache.NotFoundError):
+            c.health("no.such.Service")

@@ -252,21 +252,8 @@ def _show_removed(result: dict[str, Any]) -> str:
 
 
 def _health(client: Client, args: argparse.Namespace) -> dict[str, Any]:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from .client import _error
-
-    # The Client has no health method: the standard health service is asked over its channel
-    # (same target, TLS and options), and a failure maps to the client's errors.
-    stub = health_pb2_grpc.HealthStub(client._channel)
-    try:
-        reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service),
-                           timeout=args.timeout or HEALTH_TIMEOUT_S)
-    except grpc.RpcError as exc:
-        raise _error(exc) from exc
     return {"service": args.service,
-            "status": health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}
+            "status": client.health(args.service, timeout=args.timeout or HEALTH_TIMEOUT_S)}
 
 
 # --- the command line ---

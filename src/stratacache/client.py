@@ -38,6 +38,7 @@ from typing import (TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeAli
 
 import grpc
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .config import DEFAULT_MAX_MESSAGE_BYTES
 from .ratelimit import RETRY_AFTER_METADATA
@@ -259,7 +260,7 @@ def _report(progress: Callable[[int], None], sent: int, _reply: object) -> None:
 class _Call(Generic[T]):
     """One RPC ready to send: the stub method's name, its request, how to read the reply."""
 
-    service: str  # "cache" or "admin"
+    service: str  # "cache", "admin" or "health"
     method: str
     request: Any
     convert: Callable[[Any], T]
@@ -402,7 +403,8 @@ class _BaseClient(ABC, Generic[Ch]):
         options = list(dict([*CHANNEL_OPTIONS, *channel_options]).items())
         self._channel = self._open_channel(target, options)
         self._stubs = {"cache": pb_grpc.SemanticCacheStub(self._channel),
-                       "admin": pb_grpc.CacheAdminStub(self._channel)}
+                       "admin": pb_grpc.CacheAdminStub(self._channel),
+                       "health": health_pb2_grpc.HealthStub(self._channel)}
 
     @abstractmethod
     def _open_channel(self, target: str, options: list[tuple[str, Any]]) -> Ch: ...
@@ -594,6 +596,26 @@ class _BaseClient(ABC, Generic[Ch]):
         """
         return self._admin("DeleteUser", pb.DeleteUserRequest(user_id=user_id, namespace=namespace),
                            _removed, timeout)
+
+    @_rpc
+    def health(self, service: str = "", *, timeout: float | None = None) -> _Call[str]:
+        """The server's health, as load balancers ask it (``grpc.health.v1``; needs no key).
+
+        Args:
+            service: a service's full name, e.g. "stratacache.v1.SemanticCache"; "" = the
+                whole server.
+            timeout: deadline in seconds; None: the client's Timeout.lookup.
+
+        Returns:
+            "SERVING", or "NOT_SERVING" while the server shuts down (or another status name).
+
+        Raises:
+            NotFoundError: the server has no such service.
+            StratacacheError: any other failure (UnavailableError: nothing answers there).
+        """
+        return self._call("health", "Check", health_pb2.HealthCheckRequest(service=service),
+                          lambda r: health_pb2.HealthCheckResponse.ServingStatus.Name(r.status),
+                          timeout, self._timeout.lookup)
 
     @_rpc
     def stats(self, *, timeout: float | None = None) -> _Call[dict[str, Any]]:
