@@ -138,6 +138,22 @@ def test_stats_of_a_scoped_key_show_only_its_namespaces(keyed) -> None:  # type:
             a.invalidate_namespace("b-1")
 
 
+def test_a_scoped_key_never_sees_the_pool_of_namespaces_past_the_metrics_cap(
+        start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # "??????" matches the pool's name "_other", which mixes every tenant past the cap.
+    KEYS["pattern-admin"] = ("pattern-admin-" + "p" * 32, ["??????"], ["admin"])
+    try:
+        server = start_server(keys_file=write_keys(tmp_path / "keys.toml", list(KEYS)),
+                              metrics_max_namespaces=0)
+    finally:
+        del KEYS["pattern-admin"]
+    with as_(server, "root") as root:
+        root.store("a prompt of tenant b", "an answer", namespace="b-1")
+        assert "_other" in root.stats()["namespaces"]
+    with server.client(api_key="pattern-admin-" + "p" * 32) as scoped:
+        assert scoped.stats()["namespaces"] == {}
+
+
 def test_delete_entry_of_a_scoped_key_never_reveals_another_tenants_entry(keyed) -> None:  # type: ignore[no-untyped-def]
     with as_(keyed, "root") as root:
         theirs = root.store("their prompt", "their answer", namespace="b-1")

@@ -257,12 +257,14 @@ async def serve(settings: Settings) -> None:
     from .service import CacheServer
 
     started = time.perf_counter()
-    from . import tls
+    from . import prices, tls
 
-    try:  # before the model loads: a bad certificate file fails in a second, not in ten
+    # Files a typo can break are read before the model loads: fail in a second, not in ten.
+    try:
         tls.server_credentials(settings)
-    except ValueError as exc:
+    except ValueError as exc:  # not PEM, a key that is not the certificate's...
         raise CacheError(str(exc)) from None
+    prices.load(settings.prices)
     graphs = settings.data_dir / "onnx"  # exported ONNX graphs, keyed by weights fingerprint
     encoder = await asyncio.to_thread(
         Encoder, settings.model, device=settings.device, threads=settings.embed_threads,

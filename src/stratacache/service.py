@@ -50,7 +50,8 @@ from . import errors, logs, tls, tracing, validation
 from .access import Caller, KeyStore, PermissionDenied, Unauthenticated
 from .config import Settings
 from .engine import Engine
-from .metrics import HIT_RESULTS, MISS_RESULTS, Metrics, MetricsServer, serve_metrics
+from .metrics import (HIT_RESULTS, MISS_RESULTS, OTHER, Metrics, MetricsServer,
+                      serve_metrics)
 from .messages import AnswerCost, LookupRequest, StageStats, Stats, StoreRequest, TierStats
 from .policy import Policy, PolicyStatus
 from .ratelimit import RETRY_AFTER_METADATA, RateLimited, RateLimiter, Subject
@@ -440,7 +441,9 @@ def scoped_stats(reply: pb.StatsResponse, caller: Caller) -> pb.StatsResponse:
         return reply
     for field in reply.DESCRIPTOR.fields:
         if field.name == "namespaces":
-            for namespace in [n for n in reply.namespaces if not caller.may_use(n)]:
+            # The pool of namespaces past the metrics cap mixes tenants: never for a scoped key.
+            for namespace in [n for n in reply.namespaces
+                              if n == OTHER or not caller.may_use(n)]:
                 del reply.namespaces[namespace]
         elif field.name not in _SERVER_FIELDS:
             reply.ClearField(field.name)
