@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 
@@ -259,3 +260,17 @@ def test_log_prompts_puts_prompt_and_response_in_the_access_line(
     hit = [line for line in _access(_json_lines(buffer)) if line["method"] == "Lookup"][-1]
     assert (hit["prompt"], hit["response"]) == ("How do I reset my password?",
                                                 "Use the login page.")
+
+
+def test_the_serve_handler_writes_to_the_standard_error_of_the_moment(
+        logged: Logged, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A stream replaced and closed since set-up (pytest's capture, for one) must not break
+    # every later line with "--- Logging error ---".
+    first = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure("info", "text")
+    first.close()
+    second = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", second)
+    logging.getLogger("stratacache.test").info("still written")
+    assert "still written" in second.getvalue()

@@ -296,10 +296,10 @@ def test_a_rejected_candidate_is_not_counted_as_used(encoder: Encoder, tmp_path:
                                    encoder)
         ids = [(await engine.store(StoreRequest(prompt=t, response=b"a"))).entry_id
                for t in TOPICS[:3]]
-        order = list(engine.warm._recency)
+        order = engine.warm.recency()
         miss = await engine.lookup(LookupRequest(prompt=TOPICS[0] + " Please explain."))
         assert not miss.hit and miss.best_similarity > 0.7  # a candidate, turned down
-        assert list(engine.warm._recency) == order and order[0] == ids[0]
+        assert engine.warm.recency() == order and order[0] == ids[0]
         await engine.close()
 
     asyncio.run(scenario())

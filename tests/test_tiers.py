@@ -1,16 +1,27 @@
 """Placement: demotion keeps entries findable, restarts lose nothing, TTLs expire, the data
-directory refuses a model it was not filled by."""
+directory refuses a model it was not filled by. The warm tier's column store: what it must
+still get right without a Python object per entry (filters, expiry, recency, exact keys,
+restarts, memory)."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
+import tracemalloc
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from stratacache import AsyncClient, pipeline
-from stratacache.errors import DataDirMismatch
+from stratacache import AsyncClient, keys, pipeline
+from stratacache.errors import DataDirMismatch, StorageFull
+from stratacache.records import Entry, EntryInfo
+from stratacache.tiers import codes, warm
+from stratacache.tiers.base import EVERYTHING, Filter
 from stratacache.tiers.warm import WarmTier
 
 # Twenty questions on unrelated topics, so each is its own nearest neighbour.
@@ -153,3 +164,269 @@ def test_concurrent_stores_share_durable_commits(server) -> None:  # type: ignor
     assert server.engine.warm.commits < len(TOPICS)  # group commit: fewer fsyncs than stores
     server.stop()
     assert len(WarmTier(server.settings.data_dir / "warm", 384, max_bytes=1 << 30)) == len(TOPICS)
+
+
+# --- the warm tier's column store ------------------------------------------------------------
+
+DIM = 384
+_rng = np.random.default_rng(11)
+
+
+def _entry(namespace: str = "ns", *, template: tuple[str, str] | None = None,
+           user: str | None = None, expires_at: float | None = None, exact: bytes | None = None,
+           entry_id: str | None = None, created_at: float | None = None,
+           response: bytes = b"r") -> Entry:
+    vector = _rng.standard_normal(DIM).astype(np.float32)
+    tid, tver = template or (None, None)
+    partition = keys.partition_key(namespace, {}, tid, tver)
+    return Entry(id=entry_id or uuid.uuid4().hex, namespace=namespace, partition=partition,
+                 exact_key=exact or keys.exact_key(partition, uuid.uuid4().hex), prompt="p",
+                 response=response, vector=vector / np.linalg.norm(vector),
+                 created_at=time.time() if created_at is None else created_at,
+                 expires_at=expires_at, template_id=tid, template_version=tver, user_id=user)
+
+
+def _with_warm(path: Path, scenario: Callable[[WarmTier], Awaitable[None]], *,
+               max_bytes: int = 1 << 30) -> None:
+    async def run() -> None:
+        tier = WarmTier(path, DIM, max_bytes=max_bytes)
+        try:
+            await scenario(tier)
+        finally:
+            tier.close()
+
+    asyncio.run(run())
+
+
+def _known(info: EntryInfo) -> tuple:
+    """What the tier knows of an entry, but its stored size."""
+    return (info.id, info.namespace, info.partition, info.exact_key, info.expires_at,
+            info.template_id, info.template_version, info.user_id)
+
+
+def test_warm_filters_select_what_filter_matches_says_across_restarts(tmp_path: Path) -> None:
+    """Invalidation by namespace, template and user, expiry, ids and exact keys: each filter
+    selects exactly the entries ``Filter.matches`` accepts, with what the tier knows of them,
+    and the same after a restart. Ids the server did not make and short exact keys too."""
+    now = time.time()
+    entries = [_entry(ns, template=t, user=u, expires_at=x)
+               for ns in ("a", "b") for t in (None, ("t", "1"), ("t", "2"))
+               for u in (None, "u1", "u2") for x in (None, now - 60, now + 3600)]
+    entries += [_entry("a", entry_id="not-a-server-id", user="u1"),
+                _entry("b", exact=b"short key", template=("t", "2"))]
+    filters = [EVERYTHING, Filter(namespace="a"), Filter(template_id="t"),
+               Filter(template_id="t", template_version="2"), Filter(user_id="u1"),
+               Filter(namespace="b", user_id="u1"), Filter(user_id="nobody"),
+               Filter(namespace="a", template_id="t", template_version="1", user_id="u2"),
+               Filter(expired_by=now), Filter(namespace="a", expired_by=now + 7200),
+               Filter(ids={entries[3].id, "not-a-server-id", "absent"}),
+               Filter(exact_keys={entries[5].exact_key, b"short key", b"absent"})]
+
+    async def check(tier: WarmTier, held: list[Entry]) -> None:
+        for where in filters:
+            got = sorted(_known(i) for i in await tier.infos(where))
+            want = sorted(_known(EntryInfo.of(e, 0)) for e in held if where.matches(e))
+            assert got == want, where
+        assert sorted(_known(i) for i in tier.all_infos()) == sorted(
+            _known(EntryInfo.of(e, 0)) for e in held)
+        assert len(tier) == len(held) and tier.bytes == sum(i.size for i in tier.all_infos())
+
+    async def fill(tier: WarmTier) -> None:
+        await tier.put(entries[:30])
+        await tier.put(entries[30:])
+        await check(tier, entries)
+        gone = {i.id for i in await tier.infos(Filter(user_id="u1"))}  # DeleteUser
+        assert sorted(await tier.remove(gone)) == sorted(gone)
+        await check(tier, [e for e in entries if e.id not in gone])
+
+    async def reopened(tier: WarmTier) -> None:
+        await check(tier, [e for e in entries if e.user_id != "u1"])
+
+    _with_warm(tmp_path / "warm", fill)
+    _with_warm(tmp_path / "warm", reopened)
+
+
+def test_warm_never_serves_expired_entries_and_lists_them_for_the_sweep(tmp_path: Path) -> None:
+    now = time.time()
+    stale, later, forever = (_entry(expires_at=now - 1), _entry(expires_at=now + 3600),
+                             _entry())
+
+    async def scenario(tier: WarmTier) -> None:
+        await tier.put([stale, later, forever])
+        assert await tier.get_exact(stale.exact_key, now) is None
+        served = await tier.get_exact(later.exact_key, now)
+        assert served is not None and served.id == later.id
+        found = await tier.search(stale.partition, stale.vector, 3, now)
+        assert stale.id not in {c.entry_id for c in found} and len(found) == 2
+        assert (await tier.get(stale.id)).id == stale.id  # type: ignore[union-attr]  # by id: yes
+        assert sorted(tier.expiring()) == sorted([(stale.expires_at, stale.id),
+                                                  (later.expires_at, later.id)])
+        assert [i.id for i in await tier.infos(Filter(expired_by=now))] == [stale.id]
+
+    _with_warm(tmp_path / "warm", scenario)
+
+
+def test_warm_demotes_least_recently_used_first_through_touches_and_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``coldest`` walks the least recently used first, touched entries last, with the ranking
+    reused between calls (a few rows at a time here, so it is redone often); a restart ranks
+    by creation time."""
+    monkeypatch.setattr(warm, "_LRU_ROWS", 3)
+    base = time.time() - 1000
+    entries = [_entry(created_at=base + i) for i in range(12)]
+    late_but_old = _entry(created_at=base - 1)  # stored last, created first
+
+    async def scenario(tier: WarmTier) -> None:
+        for e in entries:
+            await tier.put([e])
+        order = [e.id for e in entries]
+
+        def touch(entry_id: str) -> None:
+            tier.touch(entry_id)
+            order.remove(entry_id)
+            order.append(entry_id)
+
+        assert tier.recency() == order
+        assert tier.coldest(4) == order[:4]
+        touch(order[1])
+        touch(order[0])
+        assert tier.coldest(4) == order[:4] and tier.recency() == order
+        assert tier.coldest(3, skip={order[0], order[2]}) == [order[1], order[3], order[4]]
+        tier.touch("absent")  # a hot entry held in cold: nothing changes
+        assert await tier.remove(order[:2]) == order[:2]
+        del order[:2]
+        await tier.put([late_but_old])
+        order.append(late_but_old.id)
+        touch(order[3])
+        assert tier.coldest(20) == order and tier.recency() == order
+
+    async def reopened(tier: WarmTier) -> None:
+        held = [late_but_old] + [e for e in entries if e.id in tier]
+        assert tier.recency() == [e.id for e in held] == tier.coldest(20)
+
+    _with_warm(tmp_path / "warm", scenario, max_bytes=1)  # over budget: every id is a choice
+    _with_warm(tmp_path / "warm", reopened, max_bytes=1)
+
+
+def test_warm_exact_key_finds_its_newest_holder(tmp_path: Path) -> None:
+    """A replacing Store leaves only the new entry; two entries with one key (an interrupted
+    replacing Store, until start-up resolves it) find the newest, and the other once the
+    newest leaves, whichever of them was sorted in; after a restart, the newest by creation."""
+    first = _entry(created_at=1.0)
+    key = first.exact_key
+    second, third = (_entry(exact=key, created_at=2.0), _entry(exact=key, created_at=3.0))
+
+    async def scenario(tier: WarmTier) -> None:
+        await tier.put([first])
+        await tier.put([second], replacing=[first.id])
+        assert tier.exact_id(key) == second.id and first.id not in tier
+        await tier.put([third])  # not replacing: both hold the key
+        assert tier.exact_id(key) == third.id
+        assert await tier.remove([third.id]) == [third.id]
+        assert tier.exact_id(key) == second.id
+        await tier.put([third])
+        assert await tier.remove([second.id]) == [second.id]
+        assert tier.exact_id(key) == third.id
+        await tier.put([second])
+        assert tier.exact_id(key) == second.id  # the last stored
+        assert sorted(i.id for i in await tier.infos(Filter(exact_keys={key}))) == sorted(
+            [second.id, third.id])
+
+    async def reopened(tier: WarmTier) -> None:
+        assert tier.exact_id(key) == third.id  # created last
+        assert (await tier.get_exact(key, time.time())).id == third.id  # type: ignore[union-attr]
+
+    _with_warm(tmp_path / "warm", scenario)
+    _with_warm(tmp_path / "warm", reopened)
+
+
+def test_warm_index_follows_merges_renumbering_and_restarts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through many small writes (the key indexes sort recent keys in often here), removals of
+    most entries (the columns shrink and renumber their rows) and re-added ids, every held
+    entry is found by id, by exact key and by its own vector, and nothing else is; the same
+    after a restart."""
+    monkeypatch.setattr(warm, "_MERGE_MIN", 4)
+    monkeypatch.setattr(warm, "_COMPACT_ROWS", 32)
+    entries = [_entry(user="u" if i % 3 else None) for i in range(150)]
+    entries += [_entry(entry_id=f"odd-{i}") for i in range(6)]  # ids the server did not make
+
+    async def check(tier: WarmTier, held: list[Entry], gone: list[Entry]) -> None:
+        now = time.time()
+        assert len(tier) == len(held)
+        for e in held:
+            assert e.id in tier and tier.exact_id(e.exact_key) == e.id
+            assert tier.read(e.id).response == e.response  # type: ignore[union-attr]
+            best = (await tier.search(e.partition, e.vector, 1, now))[0]
+            assert best.entry_id == e.id and best.similarity == pytest.approx(1.0, abs=1e-5)
+        for e in gone:
+            assert e.id not in tier and tier.exact_id(e.exact_key) is None
+        assert sorted(i.id for i in await tier.infos(EVERYTHING)) == sorted(e.id for e in held)
+
+    async def scenario(tier: WarmTier) -> None:
+        for start in range(0, len(entries), 5):
+            await tier.put(entries[start:start + 5])
+        await check(tier, entries, [])
+        gone = entries[:140]
+        for start in range(0, len(gone), 20):
+            await tier.remove([e.id for e in gone[start:start + 20]])
+        assert len(tier._scope) < len(entries)  # shrunk
+        await check(tier, entries[140:], gone)
+        await tier.put(gone[:10])  # the same ids again
+        await check(tier, entries[140:] + gone[:10], gone[10:])
+
+    async def reopened(tier: WarmTier) -> None:
+        await check(tier, entries[140:] + entries[:10], entries[10:140])
+
+    _with_warm(tmp_path / "warm", scenario)
+    _with_warm(tmp_path / "warm", reopened)
+
+
+def test_a_failed_warm_removal_leaves_the_entries_visible(tmp_path: Path) -> None:
+    """The file still holds entries whose removal failed (here LMDB's map is full, so even a
+    delete cannot be written): lookups must still see them. They used to vanish from memory
+    until the next start."""
+    async def scenario(tier: WarmTier) -> None:
+        held: list[Entry] = []
+        for size in (1 << 20, 1 << 16, 1 << 12, 1 << 8, 1):  # fill every page of the map
+            with pytest.raises(StorageFull):
+                while True:
+                    entry = _entry(response=b"x" * size)
+                    await tier.put([entry])
+                    held.append(entry)
+        victim = held[0]
+        with pytest.raises(StorageFull):
+            await tier.remove([victim.id])
+        assert victim.id in tier and len(tier) == len(held)
+        assert tier.exact_id(victim.exact_key) == victim.id
+        assert tier.read(victim.id).response == victim.response  # type: ignore[union-attr]
+        found = await tier.search(victim.partition, victim.vector, 1, time.time())
+        assert found[0].entry_id == victim.id
+
+    _with_warm(tmp_path / "warm", scenario, max_bytes=1 << 20)  # the smallest map: 64 MiB
+
+
+def test_warm_memory_per_entry_is_its_codes_and_a_few_columns(tmp_path: Path) -> None:
+    """What the tier holds per entry at start-up, responses excluded (they stay on disk):
+    codes.row_bytes (436 at 384 dimensions) and about 80 bytes of columns and indexes; no
+    Python object per entry (those took 830 bytes an entry here, 1,641 of the server's memory
+    in benchmarks/tier_scale.py)."""
+    n = 3000
+
+    async def fill(tier: WarmTier) -> None:
+        await tier.put([_entry() for _ in range(n)])
+
+    _with_warm(tmp_path / "warm", fill)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        tier = WarmTier(tmp_path / "warm", DIM, max_bytes=1 << 30)
+        gc.collect()  # the interpreter's free lists (up to 2,000 small tuples) are not the tier's
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    tier.close()
+    assert len(tier) == n
+    per_entry = held / n
+    assert per_entry <= codes.row_bytes(DIM) + 100, f"{per_entry:.0f} bytes an entry"

@@ -58,7 +58,7 @@ DEFAULT_HNSW_EF_SEARCH = 64
 #: Warm tier: LMDB on disk, bounded by an estimate of the bytes its entries occupy. Past the
 #: budget the least recently used entries are demoted to the cold tier, down to 90 % of it.
 #: In memory the warm tier keeps what it needs to filter and evict an entry, and its compact codes
-#: for search (tiers.codes: 440 bytes at 384 dimensions), no float32 vector.
+#: for search (tiers.codes: 436 bytes at 384 dimensions), no float32 vector.
 DEFAULT_WARM_MAX_BYTES = 1 << 30
 #: Cold tier: SQLite on disk; 0 means unbounded. Past a bound the least recently stored entries
 #: are evicted (the only tier that ever drops an entry for space).

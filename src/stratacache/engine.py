@@ -36,7 +36,7 @@ from .pipeline import Pipeline
 from .placement import Placement
 from .policy import Defaults, Policy, PolicyBook, PolicyStatus
 from .records import Tier
-from .tiers.base import Filter, Quarantine
+from .tiers.base import Filter, Quarantine, return_free_memory
 from .tiers.cold import ColdTier
 from .tiers.hot import DEFAULT_HNSW_MIN_ENTRIES, HotTier
 from .tiers.warm import WarmTier
@@ -125,6 +125,9 @@ class Engine:
         try:
             await engine.placement.reconcile()
             await engine.feedback_desk.load()
+            # What they built of every warm entry is gone now; the heap pages it held stay
+            # resident unless handed back (about 190 bytes a warm entry at 100k entries).
+            return_free_memory()
         except BaseException:
             await engine.close()
             raise

@@ -133,6 +133,23 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever ``sys.stderr`` is when a line is written, as logging's own last-resort
+    handler does, not to the stream it was at set-up (which a caller such as pytest may have
+    replaced, and closed, since)."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        pass
+
+
 def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
     """Sets up the root logger for ``stratacache serve``: one handler writing ``fmt`` lines to
     ``stream``, with the request id of the current call. Replaces the root's handlers, so calling
@@ -152,7 +169,7 @@ def configure(level: str, fmt: str, *, stream: TextIO | None = None) -> None:
                          "critical")
     if fmt not in LOG_FORMATS:
         raise ValueError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+    handler = _StderrHandler() if stream is None else logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()

@@ -141,8 +141,7 @@ class Placement:
                         "(a replacing Store was interrupted)", len(stale))
             await self.warm.remove(stale)
             await self.cold.remove(stale)
-        self._expiry = [(i.expires_at, i.id) for i in self.warm.all_infos()
-                        if i.expires_at is not None]
+        self._expiry = self.warm.expiring()
         heapq.heapify(self._expiry)
 
     async def _read(self, entry_id: str) -> Entry | None:
@@ -374,7 +373,7 @@ class Placement:
         heapq.heappush(self._expiry, (entry.expires_at, entry.id))
         if len(self._expiry) > 2 * (len(self.warm) + len(self.hot)) + 1024:
             # Replaced and deleted entries leave stale items: rebuild from what is held.
-            live = {i.id: i.expires_at for i in self.warm.all_infos() if i.expires_at is not None}
+            live = {i: t for t, i in self.warm.expiring()}
             live.update((i.id, i.expires_at) for i in self.hot.all_infos()
                         if i.expires_at is not None)
             self._expiry = [(t, i) for i, t in live.items()]

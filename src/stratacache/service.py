@@ -160,11 +160,22 @@ def _unary(service: ServiceDescriptor, method: MethodDescriptor, behaviour: _Beh
         return validation.namespace(request.namespace)
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-        code = grpc.StatusCode.UNKNOWN
         namespace: str | None = None
         call = layer.requests.begin(method.name, context.invocation_metadata(),
                                     service=service.full_name)
         context.set_trailing_metadata(((logs.REQUEST_ID_KEY, call.request_id),))
+        settled = False
+
+        def settle(code: grpc.StatusCode) -> None:
+            """Counts the call and writes its access line, once. Before the status is sent:
+            ``context.abort`` sends it before it raises, and a client that has its answer must
+            find the call in the log and the metrics."""
+            nonlocal settled
+            if not settled:
+                settled = True
+                metrics.call_finished(method.name, code.name)
+                call.finish(code.name)
+
         try:
             caller = keys.authenticate(_authorization(context) if keys.required else None)
             request = request_type()
@@ -188,7 +199,7 @@ def _unary(service: ServiceDescriptor, method: MethodDescriptor, behaviour: _Beh
                     user_id=user_id, key_name=caller.name,
                     peer="" if user_id or caller.name else context.peer()))
             reply = await behaviour(request, context, caller)
-            code = grpc.StatusCode.OK
+            settle(grpc.StatusCode.OK)
             return reply
         except errors.CacheError as exc:
             code = status_of(exc)
@@ -203,22 +214,22 @@ def _unary(service: ServiceDescriptor, method: MethodDescriptor, behaviour: _Beh
             else:
                 log.log(logging.INFO if code in _CALLER_STATUSES else logging.WARNING,
                         "%s -> %s: %s", method.name, code.name, exc)
+            settle(code)
             # Keep trailing metadata set earlier in the call: abort's own replaces it.
             await context.abort(code, str(exc),
                                 trailing_metadata=(*(context.trailing_metadata() or ()), *trailing))
         except asyncio.CancelledError:  # the client went away, or the deadline passed
             remaining = context.time_remaining()
-            code = (grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
-                    else grpc.StatusCode.CANCELLED)
+            settle(grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0
+                   else grpc.StatusCode.CANCELLED)
             raise
         except Exception:
-            code = grpc.StatusCode.INTERNAL
             log.exception("%s failed unexpectedly", method.name)
-            await context.abort(code, "internal error: the server logged it; nothing was "
-                                "changed by this call")
-        finally:  # every call's final status is known here
-            metrics.call_finished(method.name, code.name)
-            call.finish(code.name)
+            settle(grpc.StatusCode.INTERNAL)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error: the server logged "
+                                "it; nothing was changed by this call")
+        finally:  # anything that left without settling (none should): still counted and logged
+            settle(grpc.StatusCode.UNKNOWN)
         raise AssertionError("unreachable")  # context.abort always raises
 
     return handle

@@ -1,6 +1,6 @@
 """Compact codes: how the warm and cold tiers search a partition without float32 vectors in RAM.
 
-Each entry keeps ``row_bytes(dim)`` bytes (440 at 384 dimensions, against 1,536 for its float32
+Each entry keeps ``row_bytes(dim)`` bytes (436 at 384 dimensions, against 1,536 for its float32
 vector): the signs of its components (one bit each, in a matrix of their own that a search
 streams) and the components as int8 with a float32 scale (layout in
 ``cpp/include/stratacache/codes.hpp``). A search
@@ -109,21 +109,28 @@ class CodeMatrix:
 
     def add(self, keys: Sequence[Hashable], vectors: np.ndarray) -> None:
         """Appends rows for ``keys`` (new keys: the caller removes a key before re-adding it)."""
+        self._make_room(self._n + len(keys))
+        for start in range(0, len(keys), _ENCODE_ROWS):  # bounded temporaries (~10 MB)
+            stop = start + _ENCODE_ROWS
+            self.add_codes(keys[start:stop], *encode(vectors[start:stop]))
+
+    def add_codes(self, keys: Sequence[Hashable], bits: np.ndarray, values: np.ndarray) -> None:
+        """Appends rows for ``keys`` from their codes (as :func:`encode` returns them)."""
         if not len(keys):
             return
         n, need = self._n, self._n + len(keys)
-        if need > self._bits.shape[0]:
-            grow = 2 if need <= _LARGE_ROWS else _LARGE_GROWTH
-            self._resize(max(need, int(self._bits.shape[0] * grow)))
-        for start in range(0, need - n, _ENCODE_ROWS):  # bounded temporaries (~10 MB)
-            stop = min(need - n, start + _ENCODE_ROWS)
-            self._bits[n + start:n + stop], self._values[n + start:n + stop] = encode(
-                vectors[start:stop])
+        self._make_room(need)
+        self._bits[n:need], self._values[n:need] = bits, values
         if isinstance(self._keys, np.ndarray):
             self._keys[n:need] = keys
         else:
             self._keys.extend(keys)
         self._n = need
+
+    def _make_room(self, need: int) -> None:
+        if need > self._bits.shape[0]:
+            grow = 2 if need <= _LARGE_ROWS else _LARGE_GROWTH
+            self._resize(max(need, int(self._bits.shape[0] * grow)))
 
     def reserve(self, rows: int) -> None:
         """Makes room for ``rows`` rows in all, at once: a bulk build that grew step by step
@@ -175,24 +182,31 @@ class CodeMatrix:
 
     def search(self, query: np.ndarray, k: int) -> list[tuple[Hashable, float]]:
         """Up to ``k`` keys whose rows score best against ``query`` (unit float32), with their
-        estimated similarities, best first. GIL-free: callable from any one thread."""
+        estimated similarities, best first. GIL-free: callable from any one thread; called
+        while the owner changes the matrix, a key returned may have moved to another row or
+        been removed (the owner checks what it reads back)."""
         # One read of each attribute: from another thread (the warm tier searches large
         # partitions off the loop) a resize may swap the arrays between two reads.
-        bits, values = self._bits, self._values
-        n = min(self._n, bits.shape[0], values.shape[0])
+        bits, values, keys = self._bits, self._values, self._keys
+        n = min(self._n, bits.shape[0], values.shape[0], len(keys))
         if not n:
             return []
         idx, scores = _core.search_codes(query, query_bits(query), bits[:n], values[:n], k,
                                          candidates_for(n), SCAN_THREADS)
-        if isinstance(self._keys, np.ndarray):
-            return list(zip(self._keys[idx].tolist(), scores.tolist()))
+        if isinstance(keys, np.ndarray):
+            return list(zip(keys[idx].tolist(), scores.tolist()))
         found = []
         for i, score in zip(idx.tolist(), scores.tolist()):
             try:
-                found.append((self._keys[i], score))
+                found.append((keys[i], score))
             except IndexError:  # removed meanwhile (a search off the owner's thread)
                 continue
         return found
+
+    def rekey(self, new_keys: np.ndarray) -> None:
+        """Replaces each key ``k`` with ``new_keys[k]`` (``int_keys`` only: the owner renumbered
+        the rows its keys name)."""
+        self._keys[:self._n] = new_keys[self._keys[:self._n]]
 
 
 def rescored(k: int) -> int:

@@ -7,7 +7,7 @@ searched by reading its vectors and scanning them with the native kernel; a larg
 compact codes (``tiers.codes``) built at start (or, for a partition that grows large later, on
 its first search) and kept in step with every committed insert and delete: candidates from the
 codes, the best few re-scored against their vectors read by rowid. Memory per indexed entry:
-its codes (440 bytes at 384 dimensions) and its rowid (8).
+its codes (436 bytes at 384 dimensions) and its rowid (8).
 
 One thread owns the connection: every call runs there, in order, so a search never sees a
 half-applied change, and the event loop never waits on disk. WAL with synchronous=FULL: a
