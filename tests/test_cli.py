@@ -49,6 +49,31 @@ def test_an_empty_api_key_is_refused_not_taken_as_no_key(monkeypatch, capsys) ->
     assert settings_from_args(build_parser().parse_args(["serve"])).api_key is None
 
 
+def test_a_non_loopback_address_without_a_key_needs_allow_unauthenticated(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    def settings(*flags: str):  # type: ignore[no-untyped-def]
+        return settings_from_args(build_parser().parse_args(["serve", *flags]))
+
+    with pytest.raises(ValueError, match="refusing to listen on 0.0.0.0 without a key"):
+        settings("--host", "0.0.0.0")
+    assert settings("--host", "0.0.0.0", "--allow-unauthenticated").allow_unauthenticated
+    assert settings("--host", "0.0.0.0", "--api-key", "k" * 40).api_key == "k" * 40
+    assert settings("--host", "0.0.0.0", "--keys-file", str(tmp_path / "keys.toml")).keys_file
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert settings("--host", loopback).host == loopback
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rate-limit-user-lookup", "20,0"], "the burst at least 1"),
+    (["--rate-limit-global-store", "fast"], "expected RATE or RATE,BURST"),
+    (["--rate-limit-namespace-lookup", "-1"], "a positive number of calls per second"),
+])
+def test_a_bad_rate_limit_is_a_usage_error(flags: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-wrong-rate", "1e-300"], r"max_wrong_rate is 1e-300; give a wrong-hit rate in \[0.0001"),
     (["--max-wrong-rate", "nan"], "max_wrong_rate must be a finite number"),
