@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stratacache import PermissionDeniedError, UnauthenticatedError
-from stratacache import access
+from stratacache import access, metrics
 from stratacache.access import KeysFileError, KeyStore, hash_key, load_keys
 from stratacache.config import Settings
 from stratacache.service import SERVICES
@@ -70,6 +70,10 @@ def test_missing_or_wrong_key_is_unauthenticated_and_health_stays_open(keyed) ->
         with pytest.raises(grpc.RpcError) as info:
             store(b"", timeout=30, metadata=(("authorization", "Basic xyz"),))
         assert "malformed authorization" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:  # "Bearer " and nothing: never a key
+            store(b"", timeout=30, metadata=(("authorization", "Bearer "),))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "the bearer token is empty" in info.value.details()
         reply = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="stratacache.v1.SemanticCache"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -138,9 +142,10 @@ def test_stats_of_a_scoped_key_show_only_its_namespaces(keyed) -> None:  # type:
             a.invalidate_namespace("b-1")
 
 
-def test_a_scoped_key_never_sees_the_pool_of_namespaces_past_the_metrics_cap(
-        start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_scoped_key_never_sees_the_pool_of_namespaces_past_the_stats_cap(
+        start_server, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     # "??????" matches the pool's name "_other", which mixes every tenant past the cap.
+    monkeypatch.setattr(metrics, "STATS_MAX_NAMESPACES", 0)
     KEYS["pattern-admin"] = ("pattern-admin-" + "p" * 32, ["??????"], ["admin"])
     try:
         server = start_server(keys_file=write_keys(tmp_path / "keys.toml", list(KEYS)),
@@ -270,6 +275,8 @@ def _entry(**fields: str | None) -> str:
     (_entry(namespaces='["bad name"]'), "namespace pattern 'bad name' is malformed"),
     (_entry(namespaces='["-x"]'), "namespace pattern '-x' is malformed"),
     (_entry(sha256='"abc123"'), "key 1 ('k'): sha256 must be the 64 hex characters"),
+    (_entry(sha256='"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"'),
+     "key 1 ('k'): sha256 is the hash of an empty key"),
     (_entry(sha256=None, key='"plain"'), "unknown field key (store the key's hash in sha256"),
     (_entry(name='"has space"'), "key 1 ('has space'): name must be 1 to 64"),
     (_entry() + "\n" + _entry(sha256=f'"{hash_key("y" * 40)}"'),
@@ -341,3 +348,17 @@ def test_hash_key_makes_a_key_and_an_entry_the_server_accepts(
                        monkeypatch, capsys)
     with pytest.raises(KeysFileError, match="namespace pattern 'a b' is malformed"):
         _hash_key_tool(["--name", "gw", "--namespace", "a b"], "", monkeypatch, capsys)
+
+
+def test_an_empty_namespace_on_a_destructive_call_is_invalid_not_denied(keyed) -> None:  # type: ignore[no-untyped-def]
+    # Checked as the engine checks it: "" never means "default" for these calls, so a key
+    # without "default" gets told what to send, not a denial about a namespace it never named.
+    from stratacache import InvalidArgumentError
+
+    with as_(keyed, "tenant-a-admin") as a:
+        with pytest.raises(InvalidArgumentError, match="needs the namespace explicitly"):
+            a.invalidate_namespace("")
+        with pytest.raises(InvalidArgumentError, match="needs the namespace explicitly"):
+            a.invalidate_template("t", namespace="")
+        with pytest.raises(InvalidArgumentError, match="needs the namespace explicitly"):
+            a.delete_user("u", namespace="")

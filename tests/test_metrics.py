@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from stratacache import InvalidArgumentError, RateLimitedError
 from stratacache.config import RateLimit
+from stratacache import metrics
 from stratacache.metrics import OTHER, STAGES, Metrics, MetricsServer, serve_metrics
 
 from .processes import free_port
@@ -124,8 +125,11 @@ def test_lookups_stores_feedback_stages_and_gauges_are_scraped(
                  device=encoder.device, backend=encoder.backend) == 1
 
 
-def test_namespaces_past_the_cap_are_pooled_in_metrics_and_stats(
-        start_server, metrics_server) -> None:  # type: ignore[no-untyped-def]
+def test_namespaces_past_the_label_cap_are_pooled_in_metrics_and_named_in_stats(
+        start_server, metrics_server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # Stats names far more namespaces than /metrics labels: a tenant that touches many
+    # namespaces of its own must not blank the per-namespace Stats of tenants after it.
+    monkeypatch.setattr(metrics, "STATS_MAX_NAMESPACES", 4)
     server = start_server(metrics_max_namespaces=2)
     http = metrics_server(server)
     names = [f"tenant-{i}" for i in range(5)]
@@ -142,8 +146,10 @@ def test_namespaces_past_the_cap_are_pooled_in_metrics_and_stats(
     assert value(got, "stratacache_stores_total", namespace=OTHER) == 3
     assert value(got, "stratacache_lookups_total", namespace=OTHER, result="exact") == 3
     assert value(got, "stratacache_lookups_total", namespace="tenant-1", result="exact") == 1
-    assert set(stats["namespaces"]) == {"tenant-0", "tenant-1", OTHER}
-    assert stats["namespaces"][OTHER]["stores"] == 3
+    # Stats: each of the first STATS_MAX_NAMESPACES by name, the one after pooled.
+    assert set(stats["namespaces"]) == {"tenant-0", "tenant-1", "tenant-2", "tenant-3", OTHER}
+    assert stats["namespaces"]["tenant-3"]["stores"] == 1
+    assert stats["namespaces"][OTHER]["stores"] == 1
     assert (stats["namespaces"]["tenant-0"]["lookups"], stats["namespaces"]["tenant-0"]["hits"],
             stats["namespaces"]["tenant-0"]["stores"]) == (1, 1, 1)
 

@@ -57,6 +57,8 @@ KEY_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,63}")
 #: What a namespace pattern may hold: a namespace's characters and fnmatch's * ? [ ] !.
 NAMESPACE_GLOB_PATTERN = re.compile(r"[A-Za-z0-9._:*?\[\]!-]{1,128}")
 _SHA256_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
+#: SHA-256 of the empty string: never a key (a file holding it is refused).
+_EMPTY_KEY_DIGEST = hashlib.sha256(b"").hexdigest()
 _FIELDS = ("name", "sha256", "namespaces", "roles")
 _BEARER = "bearer "
 _HOW_TO_SEND = "send metadata 'authorization: Bearer <key>' (Client(api_key=...))"
@@ -169,6 +171,9 @@ def _parse_key(number: int, entry: object) -> tuple[bytes, Caller] | list[str]:
     if not isinstance(digest, str) or not _SHA256_PATTERN.fullmatch(digest):
         problems.append("sha256 must be the 64 hex characters of the key's SHA-256 (make one "
                         "with `stratacache hash-key`)")
+    elif digest.lower() == _EMPTY_KEY_DIGEST:
+        problems.append("sha256 is the hash of an empty key (was the key's variable unset when "
+                        "it was hashed?): an empty key would let in calls that send none")
     namespaces = entry.get("namespaces")
     if not isinstance(namespaces, list) or not namespaces:
         problems.append('namespaces must be a non-empty list of names or patterns, e.g. '
@@ -322,7 +327,10 @@ class KeyStore:
             raise Unauthenticated(f"malformed authorization metadata: {_HOW_TO_SEND}")
         # A dict lookup by digest, safe as the module docstring says: its timing depends on
         # the presented key's SHA-256, never on a stored key.
-        caller = self._keys.get(_digest(authorization[len(_BEARER):]))
+        key = authorization[len(_BEARER):]
+        if not key.strip():
+            raise Unauthenticated(f"missing API key (the bearer token is empty): {_HOW_TO_SEND}")
+        caller = self._keys.get(_digest(key))
         if caller is None:
             raise Unauthenticated(f"wrong API key: this server has no such key; {_HOW_TO_SEND}")
         return caller

@@ -12,9 +12,12 @@ Everything here is counted since the server started. One set of counts feeds bot
   each stage also keeps its most recent durations in a bounded ring for the percentiles Stats
   shows, so memory stays constant however long the server runs.
 
-Namespaces are labels of their own for the first ``max_namespaces`` seen, in /metrics and in
-Stats alike; the rest are pooled under :data:`OTHER`, so a flood of tenants cannot grow the
-series count or the memory without bound.
+Namespaces are counted by name for the first :data:`STATS_MAX_NAMESPACES` seen (Stats and
+``admin report`` show each), the rest pooled under :data:`OTHER`; /metrics gives a label of its
+own to the first ``max_namespaces`` of them and sums the others into :data:`OTHER`. So a flood
+of tenants cannot grow the series count or the memory without bound, and one tenant touching
+many namespaces of its own cannot blank the per-namespace Stats of tenants that came later
+(that needs ten thousand namespaces, not a hundred).
 
 Each :class:`Metrics` has a ``CollectorRegistry`` of its own, never prometheus-client's global
 one: a process (tests, benchmarks) may run many servers. :func:`serve_metrics` serves one.
@@ -55,6 +58,8 @@ WINDOW = 4096
 LOOP_PROBE_INTERVAL_S = 0.01
 #: The label of namespaces beyond the cap (a namespace name cannot start with "_").
 OTHER = "_other"
+#: Namespaces counted by name for Stats (about 1.5 KB each); past this, pooled under OTHER.
+STATS_MAX_NAMESPACES = 10_000
 #: Model names without a price logged one by one; past this, no more such lines.
 UNPRICED_MODELS_LOGGED = 100
 
@@ -106,6 +111,19 @@ class _Counts:
         self.prompt_tokens = self.completion_tokens = 0
         self.dollars = self.model_seconds = 0.0
 
+    def add(self, other: "_Counts") -> None:
+        """Adds ``other``'s counts to these (a scrape pools namespaces past the label cap)."""
+        for result, count in list(other.results.items()):
+            self.results[result] += count
+        self.stores += other.stores
+        self.right += other.right
+        self.wrong += other.wrong
+        self.unpriced += other.unpriced
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.dollars += other.dollars
+        self.model_seconds += other.model_seconds
+
     def snapshot(self) -> NamespaceCounts:
         results = dict(self.results)
         return NamespaceCounts(
@@ -142,8 +160,9 @@ class Metrics:
     ``call_finished``, ``rate_limited``) from the event loop thread only.
 
     Args:
-        max_namespaces: namespaces with a label of their own (the first seen); the rest are
-            pooled under :data:`OTHER`. 0 pools them all.
+        max_namespaces: namespaces with a label of their own in /metrics (the first seen); the
+            rest are summed under :data:`OTHER` there. 0 pools them all. Stats counts up to
+            :data:`STATS_MAX_NAMESPACES` by name either way.
         prices: the price table that turns saved tokens into dollars; None prices nothing
             (tokens and seconds are still counted).
 
@@ -161,6 +180,7 @@ class Metrics:
         self.hits: Counter[Tier] = Counter()
         self.tier_errors: Counter[Tier] = Counter()
         self._max_namespaces = max_namespaces
+        self._max_counted = max(max_namespaces, STATS_MAX_NAMESPACES)
         self._prices = prices if prices is not None else PriceTable({}, "none")
         self._unpriced_models: set[str | None] = set()
         # Guards the insertion of keys a scrape iterates over (new namespaces, new call
@@ -200,10 +220,10 @@ class Metrics:
     def _admit(self, namespace: str) -> _Counts:
         """The counters of a namespace not seen before: its own while under the cap, else the
         pooled ones (a pooled namespace is not remembered by name: the dict stays bounded)."""
-        if self._named >= self._max_namespaces and self._other is not None:
+        if self._named >= self._max_counted and self._other is not None:
             return self._other
         with self._lock:
-            if self._named < self._max_namespaces:
+            if self._named < self._max_counted:
                 self._named += 1
                 counts = self._namespaces[namespace] = _Counts()
                 return counts
@@ -338,6 +358,19 @@ class Metrics:
         with self._lock:
             return list(counts.items())
 
+    def _labelled(self) -> list[tuple[str, _Counts]]:
+        """The namespace counts as /metrics labels them: the first ``max_namespaces`` by name
+        (in the order they were first seen), the others summed under :data:`OTHER`."""
+        named, pooled = [], None
+        for name, counts in self._snapshot(self._namespaces):
+            if name != OTHER and len(named) < self._max_namespaces:
+                named.append((name, counts))
+                continue
+            if pooled is None:
+                pooled = _Counts()
+            pooled.add(counts)
+        return named if pooled is None else [*named, (OTHER, pooled)]
+
 
 @dataclass(frozen=True)
 class _Watched:
@@ -374,7 +407,7 @@ class _Collector:
         unpriced = CounterMetricFamily("stratacache_unpriced_hits", "Hits whose tokens have "
                                        "no price (model not in the price table): no dollars.",
                                        labels=["namespace"])
-        for label, c in m._snapshot(m._namespaces):
+        for label, c in m._labelled():
             for result, count in c.results.items():
                 lookups.add_metric([label, result], count)
             stores.add_metric([label], c.stores)

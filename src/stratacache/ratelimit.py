@@ -26,6 +26,7 @@ Memory stays bounded however many users arrive:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections import OrderedDict
@@ -73,9 +74,10 @@ def _whole_ms(seconds: float) -> int:
 
 @dataclass(frozen=True)
 class Subject:
-    """Whom a call's user limit counts: ``key`` is the bucket's, ``label`` is for messages."""
+    """Whom a call's user limit counts: ``key`` is the bucket's (a 16-byte digest, so a bucket
+    costs the same for a 256-byte user id as for a short one), ``label`` is for messages."""
 
-    key: str
+    key: bytes
     label: str
 
     @classmethod
@@ -88,11 +90,15 @@ class Subject:
             peer: the client's address as gRPC gives it, e.g. "ipv4:127.0.0.1:50312".
         """
         if user_id:
-            return cls(f"u\0{key_name or ''}\0{user_id}", f"user {user_id!r}")
+            return cls(_digest(f"u\0{key_name or ''}\0{user_id}"), f"user {user_id!r}")
         if key_name is not None:
-            return cls(f"k\0{key_name}", f"key {key_name!r}")
+            return cls(_digest(f"k\0{key_name}"), f"key {key_name!r}")
         host = peer.rpartition(":")[0] if peer.startswith(("ipv4:", "ipv6:")) else peer
-        return cls(f"p\0{host}", f"client {host}")
+        return cls(_digest(f"p\0{host}"), f"client {host}")
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 class _Bucket:
@@ -116,7 +122,7 @@ class Buckets:
             raise ValueError(f"max_tracked must be >= 1, got {max_tracked}")
         self.limit = limit
         self.max_tracked = max_tracked
-        self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
+        self._buckets: OrderedDict[str | bytes, _Bucket] = OrderedDict()
         self._overflow: _Bucket | None = None
 
     def __len__(self) -> int:
@@ -134,7 +140,7 @@ class Buckets:
                 return
             self._buckets.popitem(last=False)
 
-    def bucket(self, key: str, now: float) -> tuple[_Bucket, bool]:
+    def bucket(self, key: str | bytes, now: float) -> tuple[_Bucket, bool]:
         """The bucket ``key`` counts against now, and whether it is the shared overflow one."""
         self._sweep(now)
         bucket = self._buckets.get(key)
@@ -152,7 +158,7 @@ class Buckets:
         short = 1.0 - self._level(bucket, now)
         return 0.0 if short <= _EPSILON else short / self.limit.rate
 
-    def take(self, key: str, bucket: _Bucket, now: float) -> None:
+    def take(self, key: str | bytes, bucket: _Bucket, now: float) -> None:
         """Takes a token from ``bucket`` (which must hold one), the bucket of ``key``."""
         bucket.tokens = self._level(bucket, now) - 1.0
         bucket.stamp = now

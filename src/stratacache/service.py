@@ -48,7 +48,7 @@ from grpc_reflection.v1alpha import reflection
 
 from . import errors, logs, tls, tracing, validation
 from .access import Caller, KeyStore, PermissionDenied, Unauthenticated
-from .config import Settings
+from .config import Settings, is_loopback
 from .engine import Engine
 from .metrics import (HIT_RESULTS, MISS_RESULTS, OTHER, Metrics, MetricsServer,
                       serve_metrics)
@@ -83,6 +83,8 @@ REFUSAL_LOG_INTERVAL_S = 1.0
 #: "admin". The rate limits of a role ("lookup", "store") apply to its method.
 _CALL_ROLES = {"Lookup": "lookup", "Store": "store", "Feedback": "feedback"}
 _ADMIN_SERVICE = "CacheAdmin"
+#: Calls that refuse an empty namespace rather than take it as "default" (they destroy).
+_EXPLICIT_NAMESPACE = frozenset({"InvalidateNamespace", "InvalidateTemplate", "DeleteUser"})
 
 SERVICES = (pb.DESCRIPTOR.services_by_name["SemanticCache"],
             pb.DESCRIPTOR.services_by_name[_ADMIN_SERVICE])
@@ -155,8 +157,11 @@ def _unary(service: ServiceDescriptor, method: MethodDescriptor, behaviour: _Beh
     def namespace_of(request: Any) -> str | None:
         if every_if_absent and not request.HasField("namespace"):
             return None
-        # The engine's own rule ("" is "default"; INVALID_ARGUMENT if malformed), so the
-        # namespace authorized and limited is the one the call will use.
+        # The engine's own rule ("" is "default", but destructive calls must name one;
+        # INVALID_ARGUMENT if malformed), so the namespace authorized and limited is the one
+        # the call will use, and an empty one gets the engine's message, not a denial.
+        if method.name in _EXPLICIT_NAMESPACE:
+            return validation.explicit_namespace(request.namespace, method.name)
         return validation.namespace(request.namespace)
 
     async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
@@ -506,10 +511,15 @@ class CacheServer:
         Raises:
             OSError: the metrics address cannot be bound (the message names --metrics-port).
         """
-        if self._settings.metrics_port:
+        settings = self._settings
+        if settings.metrics_port:
             self.metrics_server = serve_metrics(self.engine.metrics.registry,
-                                                self._settings.metrics_host,
-                                                self._settings.metrics_port)
+                                                settings.metrics_host, settings.metrics_port)
+            if not is_loopback(settings.metrics_host):
+                log.warning("/metrics listens on %s:%d without a key or TLS, and names every "
+                            "namespace with its traffic and savings: let only your Prometheus "
+                            "reach it (firewall, or --metrics-host 127.0.0.1 behind a proxy)",
+                            settings.metrics_host, settings.metrics_port)
         await self._server.start()
         for name in SERVICE_NAMES + ("",):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -347,6 +347,7 @@ class WarmTier:
         # is on the _free stack. Ticks grow with each add and touch: the least recently used
         # row has the smallest.
         self._high = 0
+        self._renumberings = 0  # compactions so far: each gives rows new numbers
         self._count = 0
         self._clock = 0
         self._scope = np.full(0, _FREE, dtype=np.int32)
@@ -555,8 +556,16 @@ class WarmTier:
             found = matrix.search(query, want)
         else:
             # Rows may change meanwhile: _vectors keeps those that still hold an entry of the
-            # partition, and what it reads back is current.
+            # partition, and what it reads back is current. A compaction meanwhile renumbers
+            # every row, so the rows found may now be other entries' (never served wrongly,
+            # but the best could be missed): search again, here, on the new numbers.
+            renumberings = self._renumberings
             found = await asyncio.to_thread(matrix.search, query, want)
+            if self._renumberings != renumberings:
+                matrix = self._partitions.get(partition)
+                if matrix is None:
+                    return []
+                found = matrix.search(query, want)
         return codes.exact_top_k(found, k, lambda rows: self._vectors(rows, partition, now),
                                  query)
 
@@ -862,6 +871,7 @@ class WarmTier:
         for matrix in self._partitions.values():
             matrix.rekey(renumbered)
         self._high = len(kept)
+        self._renumberings += 1
         self._lru = (np.empty(0, np.int64), np.empty(0, np.int64))
 
     def _reshape(self, capacity: int, kept: np.ndarray | None = None,
