@@ -134,32 +134,41 @@ def test_concurrent_calls_parent_their_own_stages(requests: RequestLog,
 
 
 class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC trace collector on loopback: keeps what it is sent."""
+
     def __init__(self) -> None:
         self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.endpoint = ""
 
     def Export(self, request, context):  # type: ignore[no-untyped-def]  # noqa: N802
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
 
+    def spans(self) -> list:  # type: ignore[type-arg]
+        return [span for request in self.requests for resource in request.resource_spans
+                for scope in resource.scope_spans for span in scope.spans]
 
-def test_from_endpoint_exports_by_otlp_grpc_on_shutdown() -> None:
+
+@pytest.fixture
+def collector() -> Iterator[_Collector]:
     collector = _Collector()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    collector.endpoint = f"http://127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     server.start()
-    try:
-        tracer = Tracer.from_endpoint(f"http://127.0.0.1:{port}")
-        call = RequestLog(log_prompts=False, tracer=tracer).begin("Lookup", (), service=SERVICE)
-        with stage("exact"):
-            pass
-        call.finish("OK")
-        tracer.shutdown()  # sends what the batch processor still holds, before it returns
-    finally:
-        server.stop(None)
+    yield collector
+    server.stop(None)
 
-    spans = [span for request in collector.requests for resource in request.resource_spans
-             for scope in resource.scope_spans for span in scope.spans]
+
+def test_from_endpoint_exports_by_otlp_grpc_on_shutdown(collector: _Collector) -> None:
+    tracer = Tracer.from_endpoint(collector.endpoint)
+    call = RequestLog(log_prompts=False, tracer=tracer).begin("Lookup", (), service=SERVICE)
+    with stage("exact"):
+        pass
+    call.finish("OK")
+    tracer.shutdown()  # sends what the batch processor still holds, before it returns
+
+    spans = collector.spans()
     assert sorted(span.name for span in spans) == ["exact", f"{SERVICE}/Lookup"]
     resource = collector.requests[0].resource_spans[0].resource
     assert {"service.name": "stratacache"}.items() <= {
@@ -186,25 +195,16 @@ def test_from_endpoint_without_the_otel_extra_says_how_to_install_it() -> None:
 
 
 def test_a_server_with_an_otlp_endpoint_traces_each_call_and_its_stages(
-        start_server, namespace: str) -> None:  # type: ignore[no-untyped-def]
-    collector = _Collector()
-    otlp = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, otlp)
-    port = otlp.add_insecure_port("127.0.0.1:0")
-    otlp.start()
-    try:
-        server = start_server(otlp_endpoint=f"http://127.0.0.1:{port}")
-        with server.client() as client:
-            client.store("How do I reset my password?", "Use the login page.",
-                         namespace=namespace)
-            assert client.lookup("How can I reset my password?", namespace=namespace,
-                                 min_similarity=0.7).hit
-        server.stop()  # flushes the spans the batch processor holds
-    finally:
-        otlp.stop(None)
+        start_server, collector: _Collector,
+        namespace: str) -> None:  # type: ignore[no-untyped-def]
+    server = start_server(otlp_endpoint=collector.endpoint)
+    with server.client() as client:
+        client.store("How do I reset my password?", "Use the login page.", namespace=namespace)
+        assert client.lookup("How can I reset my password?", namespace=namespace,
+                             min_similarity=0.7).hit
+    server.stop()  # flushes the spans the batch processor holds
 
-    spans = [span for request in collector.requests for resource in request.resource_spans
-             for scope in resource.scope_spans for span in scope.spans]
+    spans = collector.spans()
     (lookup,) = [s for s in spans if s.name == f"{SERVICE}/Lookup"]
     children = {s.name for s in spans if s.parent_span_id == lookup.span_id}
     assert {"validate", "exact", "embed", "search_hot"} <= children
