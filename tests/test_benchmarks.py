@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import hit_quality, latency, threshold_sweep
+from benchmarks import proxy as proxy_benchmark
 
 from stratacache.pairs import read_pairs, write_pairs
 
@@ -148,3 +149,12 @@ def test_loop_lag_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
         assert {"exact", "semantic", "feedback", "loop_lag"} <= set(phase)
         assert phase["exact"]["errors"] == 0 and phase["loop_lag"]["count"] > 0
     assert report["phases"]["idle"]["feedback"]["n"] == 0
+
+
+def test_proxy_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
+    out = tmp_path / "proxy.json"
+    assert proxy_benchmark.main(["--data", str(QQP), "--pairs", "60", "--calls", "25",
+                                 "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["quality"]["decisions_differing"] == 0
+    assert report["miss"]["direct to upstream"]["n"] == 25

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import config, logs
-from .config import Settings
+from .config import Settings, switch
 from .errors import CacheError
 
 log = logging.getLogger("stratacache")
@@ -46,16 +46,6 @@ class _Flag:
 
 def _mib(value: str) -> int:
     return int(float(value) * (1 << 20))
-
-
-def _switch(value: str) -> bool:
-    """A yes/no flag: given alone it means yes; its variable takes true/false, 1/0, yes/no."""
-    text = value.strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def _rate_limit(value: str) -> config.RateLimit:
@@ -176,7 +166,7 @@ SERVE_FLAGS = (
     _Flag("keys_file", Path, None,
           "TOML file of scoped API keys (name, hashed key, namespaces, roles); reloaded on "
           "SIGHUP; see the README's 'Running in production'"),
-    _Flag("allow_unauthenticated", _switch, False,
+    _Flag("allow_unauthenticated", switch, False,
           "allow listening on a non-loopback --host with neither --api-key nor --keys-file "
           "(only on a network you trust)"),
     _Flag("tls_cert", Path, None, "PEM certificate chain of the server: serve TLS (with --tls-key)"),
@@ -185,7 +175,7 @@ SERVE_FLAGS = (
           "PEM CA certificate(s): clients must present a certificate signed by one (mutual TLS)"),
     _Flag("log_format", str, "text", "text (one human line per event) or json (one object per "
           "line, with the request id)"),
-    _Flag("log_prompts", _switch, False,
+    _Flag("log_prompts", switch, False,
           "write prompts and responses into access-log lines (off: they may hold personal data)"),
     _Flag("otlp_endpoint", str, None,
           "send traces (a span per call, a child per stage) by OTLP/gRPC to this endpoint, e.g. "
@@ -210,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in SERVE_FLAGS:
         # argparse runs string defaults through `type`, so env values and defaults parse alike.
         default = os.environ.get(flag.env, None if flag.default is None else str(flag.default))
-        switch = {"nargs": "?", "const": "true"} if flag.type is _switch else {}
+        optional = {"nargs": "?", "const": "true"} if flag.type is switch else {}
         serve.add_argument(flag.option, type=flag.type, default=default,
-                           help=f"{flag.help} [env {flag.env}]", **switch)
+                           help=f"{flag.help} [env {flag.env}]", **optional)
     _add_tool(commands, "tune", "train a verifier (and optionally an embedder) on labelled pairs",
               "stratacache.tune")
     _add_tool(commands, "reindex",
@@ -227,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool(commands, "hash-key",
               "make an API key and its [[keys]] entry for --keys-file", "stratacache.access")
     _add_tool(commands, "admin", "administer a running server (stats, saved)", "stratacache.admin")
+    _add_tool(commands, "proxy", "run an OpenAI-compatible HTTP proxy that caches chat "
+              "completions through a running server", "stratacache.proxy.command")
     return parser
 
 

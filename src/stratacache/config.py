@@ -6,6 +6,7 @@ Every knob is a keyword with a named default below, so the defaults are document
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import math
 from dataclasses import dataclass, fields
@@ -157,6 +158,21 @@ class RateLimit:
 
     def __str__(self) -> str:
         return f"{self.rate:g},{self.burst}"
+
+
+def switch(value: str) -> bool:
+    """A yes/no flag's value (argparse type): given alone it means yes; its environment
+    variable takes true/false, 1/0, yes/no, on/off.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def is_loopback(host: str) -> bool:
