@@ -49,3 +49,17 @@ def test_store_replaces_entry_with_same_exact_key(client: Client) -> None:
     assert result.text == "new answer" and result.entry_id == second
     assert client.lookup(PARAPHRASE).entry_id == second
     assert client.stats()["hot"]["entries"] == 1
+
+
+def test_a_store_after_a_missed_lookup_does_not_embed_the_prompt_again(
+        client: Client, namespace: str) -> None:
+    """A gateway looks up, misses, calls the model, stores: one embedding, not two."""
+    prompt = "Which rivers flow through Vienna?"
+    before = client.stats()["embed_texts"]
+    assert not client.lookup(prompt, namespace=namespace).hit
+    client.store(prompt, "The Danube and the Wien.", namespace=namespace)
+    assert client.stats()["embed_texts"] == before + 1
+    assert client.lookup("What rivers flow through Vienna?", namespace=namespace).hit
+    # a store nobody looked up first still embeds its prompt
+    client.store("Which rivers flow through Prague?", "The Vltava.", namespace=namespace)
+    assert client.stats()["embed_texts"] == before + 3
