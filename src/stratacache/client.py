@@ -160,7 +160,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
 )
 
-_TIERS = {pb.TIER_EXACT: "exact", pb.TIER_HOT: "hot", pb.TIER_WARM: "warm", pb.TIER_COLD: "cold"}
+_TIERS = {pb.TIER_EXACT: "exact", pb.TIER_HOT: "hot", pb.TIER_WARM: "warm", pb.TIER_COLD: "cold",
+          pb.TIER_SHARED: "shared"}
 _MISS_REASONS = {v: k.removeprefix("MISS_REASON_").lower()
                  for k, v in pb.MissReason.items() if v != pb.MISS_REASON_UNSPECIFIED}
 #: Labelled pairs sent per AddEvidence call (the server takes at most 10000).
@@ -177,7 +178,8 @@ class LookupResult:
         similarity: cosine similarity between the prompt and the matched prompt (1.0 exact).
         matched_prompt: the stored prompt that matched.
         entry_id: the matched entry's id (for delete_entry).
-        tier: "exact", "hot", "warm" or "cold" on a hit; "" on a miss.
+        tier: "exact", "hot", "warm", "cold" or "shared" (the fleet's shared store) on a hit;
+            "" on a miss.
         age_s: seconds since the matched entry was stored.
         best_similarity: on a miss, the closest candidate's similarity (0.0 if none).
         server_time_us: the server's own time on the call, microseconds.

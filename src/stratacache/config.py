@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from . import validation
@@ -204,6 +204,10 @@ class Settings:
     hnsw_ef_search: int = DEFAULT_HNSW_EF_SEARCH
     warm_max_bytes: int = DEFAULT_WARM_MAX_BYTES
     cold_max_bytes: int = DEFAULT_COLD_MAX_BYTES
+    #: A PostgreSQL connection string (with pgvector): the cache shared by every node given the
+    #: same one (see ``stratacache.shared``); None: this node's data directory alone. Kept out
+    #: of repr: it may hold a password.
+    shared_store: str | None = field(default=None, repr=False)
     #: None (serve's default): per device, EMBED_MAX_BATCH_CPU / _CUDA, which ``cli.serve``
     #: resolves once the encoder's device is known, before the engine opens. Settings built
     #: in code default to the CPU's.

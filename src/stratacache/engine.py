@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from .pipeline import Pipeline
 from .placement import Placement
 from .policy import Defaults, Policy, PolicyBook, PolicyStatus
 from .records import Tier
+
+if TYPE_CHECKING:
+    from .shared import SharedStore
 from .tiers.base import Filter, Quarantine, return_free_memory
 from .tiers.cold import ColdTier
 from .tiers.hot import DEFAULT_HNSW_MIN_ENTRIES, HotTier
@@ -89,6 +92,16 @@ class Engine:
             opened.close()
             raise
         self.placement = Placement(hot, warm, cold, on_removed=self.policies.forget_entries)
+        #: With --shared-store: the fleet's cache, which the local tiers cache in turn.
+        self.shared: SharedStore | None = None
+        if settings.shared_store:
+            from .shared import SharedStore
+
+            identity = encoder.identity
+            self.shared = SharedStore(
+                settings.shared_store, dimension=dim, state_dir=self._dir.path,
+                model={"name": identity.name, "fingerprint": identity.fingerprint},
+                ef_search=settings.hnsw_ef_search)
         self._model_thread = model_executor()
         self._embedder: Batcher[str, np.ndarray | None] = Batcher(
             encoder.encode_whole, name="embedding", flag="--embed-max-queue",
@@ -102,10 +115,11 @@ class Engine:
             max_queue=settings.embed_max_queue, executor=self._model_thread,
             on_batch=self.metrics.batch_observer("verify"))
         self.pipeline = Pipeline(settings, self.placement, self.policies, self._embedder,
-                                 self._verifier, dim, self.metrics)
+                                 self._verifier, dim, self.metrics, shared=self.shared)
         self.feedback_desk = Feedback(self.policies, self.placement, encoder, verifier,
                                       self._model_thread, self._embedder, self._verifier,
-                                      self.metrics, evict_after=settings.feedback_evict_after)
+                                      self.metrics, evict_after=settings.feedback_evict_after,
+                                      remove=self._remove_ids)
         self._sweeper: asyncio.Task[None] | None = None
         self.loop_lag = LoopLagProbe(observe=self.metrics.observe_loop_lag)
         self.metrics.describe(model=encoder.identity.name, device=encoder.device,
@@ -125,6 +139,8 @@ class Engine:
         try:
             await engine.placement.reconcile()
             await engine.feedback_desk.load()
+            if engine.shared is not None:
+                await engine.shared.open(engine._apply_change, engine._forget_local_copies)
             # What they built of every warm entry is gone now; the heap pages it held stay
             # resident unless handed back (about 190 bytes a warm entry at 100k entries).
             return_free_memory()
@@ -185,6 +201,10 @@ class Engine:
         await self.policies.set_policy(namespace, policy)
         if clear_evidence:
             await self.policies.clear_evidence(namespace)
+        if self.shared is not None:
+            await self.shared.announce("policy", {"namespace": namespace,
+                                                  "policy": dataclasses.asdict(policy),
+                                                  "clear_evidence": clear_evidence})
         return await self._settled_status(namespace)
 
     async def policy_status(self, namespace: str) -> PolicyStatus:
@@ -224,14 +244,19 @@ class Engine:
         if namespace is not None:
             namespace = validation.explicit_namespace(namespace, "DeleteUser")
         async with self.pipeline.user_locks.hold(user_id):
-            removed = await self._remove(Filter(user_id=user_id, namespace=namespace))
-            await self.policies.delete_user(user_id, namespace)
-            # The copies LMDB keeps in free pages are encrypted with the user's keys: destroying
-            # them erases those copies. Entries are removed first, so no move re-encrypts one
-            # under a new key; a Store of this user waits for the lock.
-            await asyncio.to_thread(self.keys.destroy, user_id, namespace)
-            await self.cold.scrub()
+            removed = await self._remove(Filter(user_id=user_id, namespace=namespace),
+                                         kind="user")
+            await self._forget_user(user_id, namespace)
         return removed
+
+    async def _forget_user(self, user_id: str, namespace: str | None) -> None:
+        """A user's evidence and keys on this node (their entries are removed already)."""
+        await self.policies.delete_user(user_id, namespace)
+        # The copies LMDB keeps in free pages are encrypted with the user's keys: destroying
+        # them erases those copies. Entries are removed first, so no move re-encrypts one
+        # under a new key; a Store of this user waits for the lock.
+        await asyncio.to_thread(self.keys.destroy, user_id, namespace)
+        await self.cold.scrub()
 
     async def delete_entry(self, entry_id: str, *,
                            within: Callable[[str], bool] | None = None) -> int:
@@ -252,25 +277,71 @@ class Engine:
                            "removed, evicted or expired")
         if within is not None:
             entry = await self.placement.find(entry_id)
+            if entry is None and self.shared is not None:
+                entry = await self.shared.get(entry_id)
             if entry is None or not within(entry.namespace):
                 raise missing
-        removed = await self.placement.remove([entry_id])
+        removed = await self._remove_ids([entry_id])
         if not removed:
             raise missing
+        return removed
+
+    async def _remove_ids(self, ids: list[str]) -> int:
+        """Removes entries by id (DeleteEntry, feedback); returns how many were found."""
+        self._check_open()
+        removed = await self.placement.remove(ids)
+        if self.shared is not None:
+            removed = max(removed, await self.shared.remove(Filter(ids=frozenset(ids))))
         self.metrics.invalidated += removed
         return removed
 
-    async def _remove(self, where: Filter) -> int:
+    async def _remove(self, where: Filter, *, kind: str = "remove") -> int:
+        """Removes what ``where`` selects: from the shared store first (announced to every
+        node), then from the local tiers."""
         self._check_open()
-        removed = await self.placement.remove_matching(where)
+        shared = 0 if self.shared is None else await self.shared.remove(where, kind=kind)
+        removed = max(shared, await self.placement.remove_matching(where))
         self.metrics.invalidated += removed
         return removed
+
+    # --- changes made through other nodes (--shared-store) ----------------------------------
+
+    async def _apply_change(self, kind: str, body: dict[str, Any]) -> None:
+        """Applies a change announced through the shared store (made by any node, this one
+        included: every change is idempotent) to this node's local state."""
+        from .shared import filter_from
+
+        if kind == "remove":
+            await self.placement.remove_matching(filter_from(body))
+        elif kind == "user":
+            where = filter_from(body)
+            assert where.user_id is not None
+            async with self.pipeline.user_locks.hold(where.user_id):
+                await self.placement.remove_matching(where)
+                await self._forget_user(where.user_id, where.namespace)
+        elif kind == "policy":
+            namespace = body["namespace"]
+            await self.policies.set_policy(namespace, Policy(**body["policy"]))
+            if body.get("clear_evidence"):
+                await self.policies.clear_evidence(namespace)
+        else:
+            log.warning("ignoring a shared-store change of unknown kind %r (a newer server "
+                        "wrote it): upgrade this node", kind)
+
+    async def _forget_local_copies(self) -> None:
+        """Empties the local tiers (a node that cannot tell what changed while it was away)."""
+        removed = await self.placement.remove_matching(Filter())
+        log.info("removed %d local copies of shared entries", removed)
 
     # --- expiry -------------------------------------------------------------------------------
 
     async def sweep_expired(self) -> int:
-        """Removes entries whose TTL has passed; returns how many."""
-        return await self.placement.sweep_expired(time.time())
+        """Removes entries whose TTL has passed (and, with a shared store, its expired rows and
+        old change log); returns how many local entries."""
+        now = time.time()
+        if self.shared is not None:
+            await self.shared.sweep(now)
+        return await self.placement.sweep_expired(now)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -284,6 +355,7 @@ class Engine:
         """Waits until no background move or hot-tier graph build runs (tests, benchmarks)."""
         await self.placement.settled()
         await self.hot.settled()
+        await self.pipeline.settled()
 
     # --- stats and lifecycle ------------------------------------------------------------------
 
@@ -350,6 +422,9 @@ class Engine:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self.loop_lag.close()
+        await self.pipeline.settled()
+        if self.shared is not None:
+            await self.shared.close()
         await self.placement.settled()
         await self.hot.settled()
         await self._embedder.close()

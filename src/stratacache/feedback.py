@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
@@ -37,7 +37,8 @@ class Feedback:
                  verifier: Verifier | None, model_thread: Executor,
                  embedder: Batcher[str, np.ndarray | None],
                  verifier_batcher: Batcher[tuple[str, str, float], float] | None,
-                 metrics: Metrics, *, evict_after: int) -> None:
+                 metrics: Metrics, *, evict_after: int,
+                 remove: Callable[[list[str]], Awaitable[int]] | None = None) -> None:
         self._policies = policies
         self._placement = placement
         self._encoder = encoder
@@ -47,6 +48,9 @@ class Feedback:
         self._verifier_batcher = verifier_batcher
         self._metrics = metrics
         self._evict_after = evict_after
+        #: How an entry reported wrong is deleted: from the local tiers, or (with a shared
+        #: store) from the shared store and every node.
+        self._remove = remove or placement.remove
 
     async def _in_chunks(self, items: Sequence[object],
                          score: Callable[[list], list]) -> list:
@@ -149,6 +153,6 @@ class Feedback:
         return deleted, self._policies.status(namespace)
 
     async def _delete(self, entry_id: str) -> bool:
-        deleted = bool(await self._placement.remove([entry_id]))
+        deleted = bool(await self._remove([entry_id]))
         self._metrics.invalidated += int(deleted)
         return deleted

@@ -21,20 +21,23 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from . import keys, prices, validation
 from .batching import Batcher
 from .config import Settings
-from .errors import StorageFailed
+from .errors import StorageFailed, StorageFull
 from .messages import LookupRequest, LookupResult, MissReason, StoreRequest, StoreResult
 from .metrics import Metrics
 from .placement import KeyedLocks, Placement
 from .policy import PolicyBook, Rule
 from .records import Entry, Tier as TierKind
 from .tiers.base import Candidate, Tier
+
+if TYPE_CHECKING:
+    from .shared import SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ SCOPE_HINT_PARTITIONS = 4
 #: embedder that halves the model's work for miss-then-store traffic. 2,048 vectors of MiniLM
 #: are 3 MiB.
 RECENT_VECTORS = 2048
+#: Local copies of shared-store entries being written at once, at most.
+MAX_FILLS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +68,19 @@ class Keys:
     partition: bytes
     exact: bytes
     hint: bytes  # namespace and prompt, without the rest of the partition
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """Entries a tier's search returned whole (the shared store's), and the change the node
+    had applied when it read them (for :meth:`Pipeline._cache_locally`); None: read them back
+    from the local tiers."""
+
+    entries: dict[str, Entry] | None
+    seen: int = 0
+
+
+_LOCAL = Fetched(None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +149,7 @@ class Pipeline:
     def __init__(self, settings: Settings, placement: Placement, policies: PolicyBook,
                  embedder: Batcher[str, np.ndarray | None],
                  verifier: Batcher[tuple[str, str, float], float] | None, dimension: int,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, shared: SharedStore | None = None) -> None:
         self._settings = settings
         self._placement = placement
         self._policies = policies
@@ -139,6 +157,10 @@ class Pipeline:
         self._verifier = verifier
         self._dimension = dimension
         self._metrics = metrics
+        #: The fleet's shared store (``--shared-store``): searched after the local tiers, and
+        #: written before them.
+        self._shared = shared
+        self._fills: set[asyncio.Task[None]] = set()
         self._scope_hints: OrderedDict[bytes, deque[bytes]] = OrderedDict()
         self._recent_vectors: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.user_locks = KeyedLocks()
@@ -166,6 +188,12 @@ class Pipeline:
 
         with m.stage("exact"):
             exact = await self._guarded(self._placement.exact(k.exact, now), TierKind.EXACT)
+            if exact is None and self._shared is not None:
+                seen = self._shared.applied
+                entry = await self._guarded(self._shared.exact(k.exact, now), TierKind.SHARED)
+                if entry is not None:
+                    self._fill(entry, seen)
+                    exact = entry, TierKind.SHARED
         if exact is not None:
             entry, tier = exact
             self._placement.served(entry, tier)
@@ -183,13 +211,13 @@ class Pipeline:
         best, reason, best_score = 0.0, MissReason.NO_CANDIDATE, None
         for _ in range(1 + SEARCH_RETRIES):
             epoch = self._placement.epoch
-            async for tier, candidates in self._search(k.partition, vector, now):
+            async for tier, candidates, fetched in self._search(k.partition, vector, now):
                 if candidates:
                     best = max(best, candidates[0].similarity)
                 # Stage "decide": reading the candidates back, and the decision; the
                 # verifier between them is stage "verify".
                 resolving = time.perf_counter()
-                resolved = await self._resolve(candidates, vector, gate, verify, now)
+                resolved = await self._resolve(candidates, vector, gate, verify, now, fetched)
                 resolving = time.perf_counter() - resolving
                 scores = (await self._verify(k.prompt, resolved, gate, request.deadline)
                           if verify else None)
@@ -197,7 +225,10 @@ class Pipeline:
                 found = decide(bool(candidates), resolved, scores, gate=gate, threshold=threshold)
                 m.record("decide", resolving + time.perf_counter() - deciding)
                 if isinstance(found, Hit):
-                    self._placement.served(found.entry, tier)
+                    if tier is TierKind.SHARED:
+                        self._fill(found.entry, fetched.seen)
+                    else:
+                        self._placement.served(found.entry, tier)
                     return self._hit(request.namespace, found, tier, now, started)
                 reason = max(reason, found)
                 if scores:
@@ -216,8 +247,8 @@ class Pipeline:
         hint = hashlib.blake2b(f"{request.namespace}\0{prompt}".encode(), digest_size=16).digest()
         return Keys(prompt, partition, keys.exact_key(partition, prompt), hint)
 
-    async def _search(self, partition: bytes, vector: np.ndarray,
-                      now: float) -> AsyncIterator[tuple[TierKind, list[Candidate]]]:
+    async def _search(self, partition: bytes, vector: np.ndarray, now: float
+                      ) -> AsyncIterator[tuple[TierKind, list[Candidate], Fetched]]:
         """Candidates per tier, in search order, one tier at a time (the caller stops at the
         first that serves): entries moving between tiers first (exactly), then each tier that
         may hold something the ones before it did not.
@@ -230,7 +261,7 @@ class Pipeline:
         if moving:
             sims = np.stack([e.vector for e in moving]) @ vector
             order = np.argsort(-sims)[:SEARCH_K]
-            yield TierKind.WARM, [Candidate(moving[i].id, float(sims[i])) for i in order]
+            yield TierKind.WARM, [Candidate(moving[i].id, float(sims[i])) for i in order], _LOCAL
         tiers = [t for t in self._placement.tiers
                  if self._placement.worth_searching(t, partition)]
         started = {t.kind: asyncio.ensure_future(self._tier_search(t, partition, vector, now))
@@ -240,10 +271,18 @@ class Pipeline:
                 search = started.get(tier.kind)
                 candidates = await (search if search is not None
                                     else self._tier_search(tier, partition, vector, now))
-                yield tier.kind, candidates
+                yield tier.kind, candidates, _LOCAL
         finally:
             for search in started.values():
                 search.cancel()
+        if self._shared is not None:
+            seen = self._shared.applied
+            with self._metrics.stage("search_shared"):
+                found = await self._guarded(
+                    self._shared.search(partition, vector, SEARCH_K, now), TierKind.SHARED)
+            entries = {entry.id: entry for entry, _ in found or ()}
+            yield (TierKind.SHARED, [Candidate(e.id, sim) for e, sim in found or ()],
+                   Fetched(entries, seen))
 
     async def _tier_search(self, tier: Tier, partition: bytes, vector: np.ndarray,
                            now: float) -> list[Candidate]:
@@ -253,7 +292,7 @@ class Pipeline:
         return candidates or []
 
     async def _resolve(self, candidates: list[Candidate], vector: np.ndarray, gate: float,
-                       verify: bool, now: float) -> list[Resolved]:
+                       verify: bool, now: float, fetched: Fetched | None = None) -> list[Resolved]:
         """Reads candidates back from wherever they are now (an entry may have moved since the
         search), drops removed and expired ones, and re-scores the rest against the entry
         itself, so what is served provably meets the gate whatever an index did concurrently."""
@@ -263,7 +302,8 @@ class Pipeline:
         for candidate in candidates:
             if not passes_gate(candidate.similarity, gate) or passing == wanted:
                 break
-            entry = await self._guarded(self._placement.find(candidate.entry_id), TierKind.COLD)
+            entry = (fetched.entries.get(candidate.entry_id) if fetched and fetched.entries is not None else
+                     await self._guarded(self._placement.find(candidate.entry_id), TierKind.COLD))
             if entry is None or entry.expired(now):
                 continue
             similarity = float(np.dot(entry.vector, vector))
@@ -389,8 +429,45 @@ class Pipeline:
 
     async def _store_entry(self, entry: Entry) -> bool:
         if entry.user_id is None:
-            return await self._placement.store(entry)
+            return await self._store_everywhere(entry)
         # A DeleteUser running now finishes first: it must not miss this entry, nor destroy
         # the user's key under it.
         async with self.user_locks.hold(entry.user_id):
+            return await self._store_everywhere(entry)
+
+    async def _store_everywhere(self, entry: Entry) -> bool:
+        """The local tiers alone; or, with a shared store, the shared store first (the Store
+        is acknowledged once it is committed there) and the local tiers as its cache."""
+        if self._shared is None:
             return await self._placement.store(entry)
+        seen = self._shared.applied
+        replaced = bool(await self._shared.store(entry))
+        await self._cache_locally(entry, seen)
+        return replaced
+
+    def _fill(self, entry: Entry, seen: int) -> None:
+        """Caches an entry read from the shared store in the local tiers, in the background
+        (at most MAX_FILLS at once: past that the next lookup reads it again instead)."""
+        if len(self._fills) >= MAX_FILLS:
+            return
+        task = asyncio.get_running_loop().create_task(self._cache_locally(entry, seen))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _cache_locally(self, entry: Entry, seen: int) -> None:
+        """Writes a copy of a shared entry to the local tiers, unless a change applied since
+        change ``seen`` (when it was read or written) may have removed it: the feed that
+        applied that change could not remove a copy that was not there yet."""
+        assert self._shared is not None
+        try:
+            await self._placement.store(entry)
+        except (StorageFull, StorageFailed) as exc:  # a cache: the shared store has it
+            log.warning("entry %s not cached locally: %s", entry.id, exc)
+            return
+        if self._shared.changed_since(seen, entry):
+            await self._placement.remove([entry.id])
+
+    async def settled(self) -> None:
+        """Waits until local copies of shared entries are written (tests, benchmarks)."""
+        while self._fills:
+            await asyncio.gather(*list(self._fills), return_exceptions=True)

@@ -113,6 +113,7 @@ class Tier(enum.IntEnum):
     HOT = 2
     WARM = 3
     COLD = 4
+    SHARED = 5  # the fleet's shared store (--shared-store), read by this node
 
 
 @dataclass(frozen=True, slots=True)

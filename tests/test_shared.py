@@ -1,0 +1,245 @@
+"""Several nodes sharing one cache through a real PostgreSQL with pgvector (``--shared-store``):
+Stores seen by every node, invalidations applied everywhere, a disconnected or stopped node
+catching up, and the database going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from stratacache import Client, cli, shared
+from stratacache.client import UnavailableError
+from stratacache.errors import CacheError
+from tests.processes import ServerProcess, free_port
+
+QUESTION = "How do I reset my password?"
+PARAPHRASE = "How can I reset my password?"
+OTHER = "What is the boiling point of water at sea level?"
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 120.0) -> None:
+    """Polls until ``condition`` holds; the timeout is a safety net for a loaded machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def fleet(start_server, shared_store: str, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """``fleet(n)``: n nodes on one shared store, each with its own data directory."""
+    def start(n: int, **settings: object) -> list:  # type: ignore[type-arg]
+        return [start_server(data_dir=tmp_path / f"node{i}", shared_store=shared_store,
+                             **settings) for i in range(n)]
+    return start
+
+
+def holds_locally(node, entry_id: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the node's own tiers hold the entry (once its background copies are written)."""
+    node.run(node.engine.settled())
+    return node.run(node.engine.placement.find(entry_id)) is not None
+
+
+def misses(client: Client, prompt: str, **kwargs: object) -> Callable[[], bool]:
+    return lambda: not client.lookup(prompt, **kwargs).hit  # type: ignore[arg-type]
+
+
+def test_a_store_on_one_node_is_served_by_the_others(fleet) -> None:  # type: ignore[no-untyped-def]
+    nodes = fleet(3)
+    a, b, c = (node.client() for node in nodes)
+    entry_id = a.store(QUESTION, "Use the reset link.", namespace="support")
+    exact = b.lookup(QUESTION, namespace="support")
+    assert (exact.hit, exact.entry_id, exact.tier, exact.text) == (
+        True, entry_id, "exact", "Use the reset link.")
+    semantic = c.lookup(PARAPHRASE, namespace="support")
+    assert (semantic.hit, semantic.entry_id, semantic.tier) == (True, entry_id, "shared")
+    # once served, each node keeps a local copy: the next hit is local
+    assert holds_locally(nodes[2], entry_id)
+    assert c.lookup(PARAPHRASE, namespace="support").tier == "hot"
+    assert not b.lookup(QUESTION, namespace="other").hit  # namespaces stay apart
+
+
+def test_a_store_replacing_an_exact_prompt_replaces_it_on_every_node(fleet) -> None:  # type: ignore[no-untyped-def]
+    nodes = fleet(2)
+    a, b = (node.client() for node in nodes)
+    old = a.store(QUESTION, "old answer")
+    assert b.lookup(QUESTION).text == "old answer"
+    assert holds_locally(nodes[1], old)
+    newer = a.store(QUESTION, "new answer")
+    wait_for(lambda: b.lookup(QUESTION).entry_id == newer, "b to drop the replaced answer")
+    assert b.lookup(QUESTION).text == "new answer"
+
+
+@pytest.mark.parametrize("invalidate", [
+    lambda c: c.invalidate_template("faq", namespace="support"),
+    lambda c: c.invalidate_namespace("support"),
+    lambda c: c.delete_user("u-1"),
+], ids=["template", "namespace", "user"])
+def test_an_invalidation_through_one_node_is_honoured_by_every_node(
+        fleet, postgres, shared_store: str, invalidate) -> None:  # type: ignore[no-untyped-def]
+    nodes = fleet(3)
+    a, b, c = (node.client() for node in nodes)
+    entry_id = a.store(QUESTION, "answer", namespace="support", template_id="faq",
+                       user_id="u-1")
+    for node, client in zip(nodes[1:], (b, c)):  # every node holds a local copy first
+        assert client.lookup(QUESTION, namespace="support", template_id="faq").hit
+        assert holds_locally(node, entry_id)
+    assert invalidate(a) == 1
+    for client in (a, b, c):
+        wait_for(misses(client, QUESTION, namespace="support", template_id="faq"),
+                 "the invalidation to reach every node")
+        assert not client.lookup(PARAPHRASE, namespace="support", template_id="faq").hit
+    database = shared_store.rsplit("/", 1)[1]
+    assert postgres.execute(database, "SELECT count(*) FROM stratacache.entries") == [(0,)]
+
+
+def test_delete_entry_and_a_policy_change_reach_every_node(fleet) -> None:  # type: ignore[no-untyped-def]
+    a, b = (node.client() for node in fleet(2))
+    entry_id = a.store(QUESTION, "answer")
+    assert b.lookup(QUESTION).hit
+    assert b.delete_entry(entry_id)
+    wait_for(misses(a, QUESTION), "a to drop the deleted entry")
+    a.set_policy("support", min_similarity=0.99)
+    wait_for(lambda: b.get_policy("support")["min_similarity"] == pytest.approx(0.99),
+             "b to apply the policy")
+
+
+def test_a_node_cut_off_from_the_database_catches_up_when_it_returns(
+        fleet, postgres, shared_store: str, start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Node B logs in as its own role; the test takes its login away (its connections are
+    ended) while A invalidates, then gives it back: B must not serve the invalidated entry."""
+    database = shared_store.rsplit("/", 1)[1]
+    postgres.execute(database, "CREATE ROLE node_b LOGIN SUPERUSER")
+    (a_node,) = fleet(1)
+    b_node = start_server(data_dir=tmp_path / "b",
+                          shared_store=shared_store.replace("postgres@", "node_b@"))
+    a, b = a_node.client(), b_node.client()
+    entry_id = a.store(QUESTION, "answer", namespace="support")
+    assert b.lookup(QUESTION, namespace="support").hit
+    assert holds_locally(b_node, entry_id)
+    try:
+        postgres.execute(database, "ALTER ROLE node_b NOLOGIN")
+        postgres.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                     "WHERE usename = 'node_b'")
+        wait_for(lambda: not b_node.engine.shared.feed.connected, "b to notice")
+        assert a.invalidate_namespace("support") == 1
+        with pytest.raises(UnavailableError, match="shared store"):
+            b.store(OTHER, "an answer B cannot commit", namespace="support")
+        assert b.lookup(OTHER, namespace="support").hit is False  # no error, a miss
+    finally:
+        postgres.execute(database, "ALTER ROLE node_b LOGIN")
+    wait_for(lambda: b_node.engine.shared.feed.connected, "b to reconnect")
+    assert not b.lookup(QUESTION, namespace="support").hit  # caught up before serving
+
+
+def test_a_restarted_node_does_not_serve_what_changed_while_it_was_stopped(
+        fleet, start_server, shared_store: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    (a_node,) = fleet(1)
+    b_node = start_server(data_dir=tmp_path / "b", shared_store=shared_store)
+    a, b = a_node.client(), b_node.client()
+    entry_id = a.store(QUESTION, "answer")
+    assert b.lookup(QUESTION).hit
+    assert holds_locally(b_node, entry_id)
+    b_node.stop()  # its warm tier keeps the copy on disk
+    a.invalidate_namespace("default")
+    b_again = start_server(data_dir=tmp_path / "b", shared_store=shared_store).client()
+    assert not b_again.lookup(QUESTION).hit
+
+
+def test_lookups_survive_the_database_going_away_and_stores_resume(
+        fleet, postgres) -> None:  # type: ignore[no-untyped-def]
+    (node,) = fleet(1)
+    client = node.client()
+    assert holds_locally(node, client.store(QUESTION, "answer"))
+    postgres.stop()
+    try:
+        wait_for(lambda: not node.engine.shared.feed.connected, "the node to notice")
+        assert client.lookup(PARAPHRASE).hit  # local tiers still answer
+        assert not client.lookup(OTHER).hit  # a miss, never an error
+        with pytest.raises(UnavailableError, match=r"shared store 127\.0\.0\.1:\d+/t_\w+ as "
+                                                   r"postgres is unreachable"):
+            client.store(OTHER, "answer")
+    finally:
+        postgres.start()
+    wait_for(lambda: node.engine.shared.feed.connected, "the node to reconnect")
+    assert client.store(OTHER, "answer")
+    assert client.lookup(OTHER).hit
+
+
+def test_the_password_is_never_logged_and_another_model_is_refused(
+        start_server, shared_store: str, tmp_path: Path, postgres,
+        caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    secret = shared_store.replace("postgres@", "postgres:hunter2-secret@")
+    node = start_server(data_dir=tmp_path / "a", shared_store=secret)
+    assert "hunter2" not in repr(node.settings) and "hunter2" not in caplog.text
+    assert "as postgres" in node.engine.shared.name and "hunter2" not in node.engine.shared.name
+    node.stop()
+    database = shared_store.rsplit("/", 1)[1]
+    postgres.execute(database, "UPDATE stratacache.meta SET value = jsonb_set(value, "
+                               "'{fingerprint}', '\"another\"') WHERE key = 'model'")
+    with pytest.raises(CacheError, match="Every node must use the same model"):
+        start_server(data_dir=tmp_path / "b", shared_store=shared_store)
+
+
+def test_a_killed_node_loses_nothing_it_acknowledged_and_the_example_runs(
+        start_server, shared_store: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with ServerProcess(tmp_path / "a", tmp_path / "a.log", "--shared-store", shared_store) as a:
+        client = Client(a.target)
+        stored = {f"Question number {i} about the fleet?": client.store(
+            f"Question number {i} about the fleet?", f"answer {i}") for i in range(20)}
+        a.kill()
+    b = start_server(data_dir=tmp_path / "b", shared_store=shared_store).client()
+    assert {p: b.lookup(p).entry_id for p in stored} == stored
+    log = (tmp_path / "a.log").read_text()
+    assert "shared store 127.0.0.1:" in log
+
+    c = start_server(data_dir=tmp_path / "c", shared_store=shared_store)
+    example = Path(__file__).resolve().parents[1] / "examples" / "two_nodes.py"
+    run = subprocess.run([sys.executable, str(example), b.target, c.target],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "node B: hit=True tier=shared" in run.stdout
+    assert "node A no longer serves it" in run.stdout
+
+
+def test_db_check_says_whether_a_database_is_ready(
+        start_server, shared_store: str, postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    lines: list[str] = []
+    assert asyncio.run(shared.check(shared_store, lines.append)) == 0
+    assert "ready" in lines and any(l.startswith("schema        none yet") for l in lines)
+    start_server(data_dir=tmp_path / "a", shared_store=shared_store).client().store(
+        QUESTION, "answer")
+    lines.clear()
+    assert asyncio.run(shared.check(shared_store, lines.append)) == 0
+    assert "entries       1" in lines and any("all-MiniLM-L6-v2" in l for l in lines)
+    database = shared_store.rsplit("/", 1)[1]
+    postgres.execute(database, "UPDATE stratacache.meta SET value = '99' "
+                               "WHERE key = 'schema_version'")
+    lines.clear()
+    assert asyncio.run(shared.check(shared_store, lines.append)) == 1
+    assert any("upgrade stratacache" in l for l in lines)
+    unreachable = shared_store.replace(f":{postgres.port}/", f":{free_port()}/")
+    assert asyncio.run(shared.check(unreachable, lines.append)) == 2
+    assert cli.main(["db", "check", "--shared-store", shared_store]) == 1
+
+
+def test_an_entry_read_before_an_invalidation_is_not_cached_after_it(fleet) -> None:  # type: ignore[no-untyped-def]
+    """The cache-fill race: B reads X from the database, A removes X, B's feed applies the
+    removal (B holds no copy yet), then B would cache X for good. B must not."""
+    a_node, b_node = fleet(2)
+    a, b_shared = a_node.client(), b_node.engine.shared
+    entry_id = a.store(QUESTION, "answer", namespace="support")
+    seen = b_shared.applied
+    entry = b_node.run(b_shared.get(entry_id))
+    assert entry is not None
+    a.invalidate_namespace("support")
+    wait_for(lambda: b_shared.applied > seen, "b to apply the invalidation")
+    b_node.run(b_node.engine.pipeline._cache_locally(entry, seen))
+    assert not holds_locally(b_node, entry_id)
+    assert not b_node.client().lookup(QUESTION, namespace="support").hit
