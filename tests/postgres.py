@@ -5,7 +5,7 @@ the ``test`` extra). They are driven directly rather than through its ``get_serv
 listens on a Unix socket only and, as root, adds a system user: here the server listens on
 127.0.0.1 on a port of our choosing (the same one across a restart, as a fault test needs),
 and can be stopped, killed and started again. PostgreSQL refuses to run as root, so as root it
-runs as ``nobody``, from a data directory made with ``mkdtemp`` (pytest's own temporary
+runs as ``nobody`` (through ``setpriv``), from a data directory made with ``mkdtemp`` (pytest's own temporary
 directories are private to root).
 """
 
@@ -52,27 +52,27 @@ class PostgresServer:
         self.root = Path(tempfile.mkdtemp(prefix="stratacache-pg-"))
         self.data = self.root / "data"
         self.log = self.root / "postgres.log"
-        # As root: run as nobody (the process itself, so signals reach postgres directly).
-        self._as: dict[str, object] = (
-            {"user": "nobody", "group": "nogroup", "extra_groups": []} if os.geteuid() == 0
-            else {})
+        # As root: run as nobody through setpriv, which execs the program (signals reach
+        # postgres itself). Not Popen(user=...): that forks without vfork, so a test process's
+        # gRPC fork handlers run in the child, which then sometimes aborts.
+        self._as = (["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+                    if os.geteuid() == 0 else [])
         if self._as:
             shutil.chown(self.root, "nobody", "nogroup")
             self.root.chmod(0o700)
-        subprocess.run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres",
-                        "--auth=trust", "--encoding=UTF8", "-N"],
-                       check=True, capture_output=True, timeout=START_TIMEOUT_S,
-                       **self._as)  # type: ignore[call-overload]
+        subprocess.run([*self._as, str(self.bin / "initdb"), "-D", str(self.data), "-U",
+                        "postgres", "--auth=trust", "--encoding=UTF8", "-N"],
+                       check=True, capture_output=True, timeout=START_TIMEOUT_S)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         """Starts the server and waits until it accepts connections."""
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(  # type: ignore[call-overload]
-                [str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1",
+            self.process = subprocess.Popen(
+                [*self._as, str(self.bin / "postgres"), "-D", str(self.data), "-h", "127.0.0.1",
                  "-p", str(self.port), "-k", str(self.root), "-c", "max_connections=200",
                  "-c", "fsync=on", "-c", "synchronous_commit=on"],
-                stdout=log, stderr=log, **self._as)
+                stdout=log, stderr=log)
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             try:

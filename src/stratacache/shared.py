@@ -64,6 +64,8 @@ RECENT_CHANGES = 4096
 CATCH_UP_PAGE = 1000
 #: Seconds to connect, and to wait for a pooled connection, before the database counts as down.
 CONNECT_TIMEOUT_S = 2
+#: Seconds a call waits for a pooled connection before the database counts as down.
+POOL_WAIT_S = 0.25
 #: Connections per node (the feed has one more of its own).
 POOL_SIZE = 4
 #: Reconnection backoff of the feed, seconds (capped low: a node must catch up within a second).
@@ -129,7 +131,7 @@ def filter_from(body: dict[str, Any]) -> Filter:
     return Filter(**values)
 
 
-def _schema(dimension: int) -> list[str]:
+def _schema(dimension: int, m: int, ef_construction: int) -> list[str]:
     return [
         "CREATE SCHEMA IF NOT EXISTS stratacache",
         "CREATE TABLE IF NOT EXISTS stratacache.meta (key text PRIMARY KEY, value jsonb NOT NULL)",
@@ -145,8 +147,12 @@ def _schema(dimension: int) -> list[str]:
         "WHERE user_id IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS entries_expiry ON stratacache.entries (expires_at) "
         "WHERE expires_at IS NOT NULL",
+        # The graph as the hot tier builds its own (--hnsw-m, --hnsw-ef-construction): with
+        # pgvector's default ef_construction of 64, recall@1 of QQP questions at 100,000
+        # entries was 0.95; with 200, 0.99 (benchmarks/shared_store.py).
         "CREATE INDEX IF NOT EXISTS entries_embedding ON stratacache.entries "
-        "USING hnsw (embedding vector_ip_ops)",
+        f"USING hnsw (embedding vector_ip_ops) WITH (m = {int(m)}, "
+        f"ef_construction = {int(ef_construction)})",
         """CREATE TABLE IF NOT EXISTS stratacache.changes (seq bigserial PRIMARY KEY,
             at timestamptz NOT NULL DEFAULT now(), kind text NOT NULL, body jsonb NOT NULL)""",
     ]
@@ -160,11 +166,12 @@ class SharedStore:
         dimension: the embedding dimension.
         model: the embedding model's name and weights fingerprint (every node must match).
         state_dir: the node's data directory (where the last applied change is kept).
+        m, ef_construction: the HNSW graph's parameters, used when the index is created.
         ef_search: HNSW ``ef_search`` for shared searches.
     """
 
     def __init__(self, dsn: str, *, dimension: int, model: dict[str, str], state_dir: Path,
-                 ef_search: int = 64) -> None:
+                 m: int = 16, ef_construction: int = 200, ef_search: int = 64) -> None:
         try:
             import pgvector.psycopg  # noqa: F401
             import psycopg_pool  # noqa: F401
@@ -177,6 +184,7 @@ class SharedStore:
         self._model = model
         self._state = state_dir / STATE_FILE
         self._ef_search = ef_search
+        self._graph = (m, ef_construction)
         self._pool: Any = None
         self.feed: ChangeFeed | None = None
         self.store_id = ""
@@ -251,7 +259,7 @@ class SharedStore:
                 raise CacheError(f"the shared store {self.name} has schema version {version}, "
                                  f"newer than this server's {SCHEMA_VERSION}: upgrade stratacache")
             if version < SCHEMA_VERSION:
-                for statement in _schema(self._dimension):
+                for statement in _schema(self._dimension, *self._graph):
                     await conn.execute(statement)
                 await self._put_meta(conn, "schema_version", SCHEMA_VERSION)
                 log.info("shared store %s: schema created (version %d)", self.name,
@@ -321,7 +329,9 @@ class SharedStore:
 
         self._check_connected(writing)
         try:
-            async with self._pool.connection() as conn:
+            # A short wait for a pooled connection: when the database has just gone, a lookup
+            # must miss at once rather than wait out its caller's deadline.
+            async with self._pool.connection(timeout=POOL_WAIT_S) as conn:
                 return await work(conn)
         except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
             if self.feed is not None:
@@ -504,12 +514,19 @@ class SharedStore:
                 "SELECT coalesce(max(seq), 0) FROM stratacache.changes")).fetchone()
             return int(row[0])
 
-    async def changes_after(self, seq: int) -> list[tuple[int, str, dict[str, Any]]]:
-        async with self._pool.connection() as conn:
-            rows = await (await conn.execute(
-                "SELECT seq, kind, body FROM stratacache.changes WHERE seq > %s ORDER BY seq "
-                "LIMIT %s", (seq, CATCH_UP_PAGE))).fetchall()
+    @staticmethod
+    async def changes_after(conn: Any, seq: int) -> list[tuple[int, str, dict[str, Any]]]:
+        rows = await (await conn.execute(
+            "SELECT seq, kind, body FROM stratacache.changes WHERE seq > %s ORDER BY seq "
+            "LIMIT %s", (seq, CATCH_UP_PAGE))).fetchall()
         return [(int(s), str(k), dict(b)) for s, k, b in rows]
+
+    async def pool_ready(self) -> None:
+        """Drops the pool's connections that died with the database and checks that a fresh
+        one works (raises if not), so reads and writes resume as soon as the feed does."""
+        await self._pool.check()
+        async with self._pool.connection(timeout=CONNECT_TIMEOUT_S) as conn:
+            await conn.execute("SELECT 1")
 
     def changed_since(self, seq: int, entry: Entry) -> bool:
         """Whether a change applied after change ``seq`` may touch ``entry`` (or the changes
@@ -574,7 +591,8 @@ class ChangeFeed:
                         self._store.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                         application_name="stratacache-feed") as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
-                    await self._catch_up()
+                    await self._catch_up(conn)
+                    await self._store.pool_ready()
                     if not self.connected:
                         log.info("shared store %s: listening for changes (applied through %d)",
                                  self._store.name, self.applied)
@@ -584,7 +602,7 @@ class ChangeFeed:
                     while True:
                         async for _ in conn.notifies(timeout=1.0, stop_after=1):
                             pass
-                        await self._catch_up()
+                        await self._catch_up(conn)
                         await conn.execute("SELECT 1")  # a heartbeat: a dead server is noticed
                         if self._lost:
                             self._lost = False
@@ -599,9 +617,9 @@ class ChangeFeed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_S[1])
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, conn: Any) -> None:
         while True:
-            changes = await self._store.changes_after(self.applied)
+            changes = await self._store.changes_after(conn, self.applied)
             if not changes:
                 return
             for seq, kind, body in changes:
