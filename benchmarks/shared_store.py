@@ -10,11 +10,14 @@ data directory of its own): three nodes A, B and C on one shared store, and a pl
 1. **Invalidation propagation** (``--rounds``): per round, in a namespace of its own, a Store
    through A; B and C each serve it (an exact hit) and then a variant of the prompt (case and
    punctuation changed: another exact key, the same meaning) until their hit comes from their
-   own tiers, so each holds a local copy. Then A invalidates it, by turns InvalidateTemplate,
-   InvalidateNamespace, DeleteEntry and DeleteUser, while two threads look the prompt up on B and
-   C in a tight loop; per node, the seconds from sending the invalidation to the first miss
-   returned. Afterwards the prompt and its variant must miss on every node (a hit then counts as
-   served after invalidation). Target: p99 <= 1 s over both nodes and every kind.
+   own tiers, so each holds a local copy. Then A changes it, by turns InvalidateTemplate,
+   InvalidateNamespace, DeleteEntry, DeleteUser (the prompt must miss), a SetPolicy with a
+   wrong-hit bound and no evidence (exact hits only) and a wrong Feedback on the variant (a
+   veto; for these two the variant must miss and the prompt keep its exact hit), while two
+   threads look the prompt (or variant) up on B and C in a tight loop; per node, the seconds
+   from sending the change to the first miss returned. Afterwards what was changed must miss on
+   every node (a hit then counts as served after the change). Target: p99 <= 1 s over both
+   nodes and every kind.
 2. **A Store on A served by B as a semantic hit** (``--rounds``): per round, in a namespace of its
    own, a Store through A, then B looks the variant up until it hits: the seconds from A's Store
    returning to B's first hit, and how many lookups that took (B reads the shared store on a
@@ -42,7 +45,10 @@ data directory of its own): three nodes A, B and C on one shared store, and a pl
    ``--vectors qqp`` loads tier_scale's vectors instead (synthetic prompts around real QQP
    questions, its cached base embeddings; held-out real questions as the far queries): like for
    like with its figures, which are quoted from ``benchmarks/results/tier_scale.json`` when
-   that file exists. Target (the issue's): filtering by partition costs no recall.
+   that file exists. Target (the issue's): filtering by partition costs no recall. With
+   ``--index-types`` holding halfvec (the default measures both), every layout is loaded again
+   with the index over ``embedding::halfvec(384)`` instead and searched in that cast (rows
+   still carry the exact similarity): recall, latency and index size beside the server's.
 5. **Faults.** (a) A client thread sends Stores and lookups (of stored prompts, of their
    variants, of prompts never stored) through A while PostgreSQL runs, is stopped (fast
    shutdown) for ``--down-seconds`` and started again. Its prompts are eight random words
@@ -103,12 +109,25 @@ TARGETS = {"propagation_p99_s": 1.0}
 SETUP_TIMEOUT_S = 60.0
 #: A safety net: a wait for a condition that never comes ends the run with an error.
 WAIT_LIMIT_S = 60.0
+#: Changes that remove the entry: its prompt and variant must miss everywhere.
 INVALIDATIONS = ("template", "namespace", "entry", "user")
+#: Changes that stop its semantic hits only (the variant), leaving the exact hit: a policy that
+#: serves exact hits only (a wrong-hit bound without evidence), and a wrong report on the
+#: variant (Feedback: evidence, and a veto of the entry for prompts like it).
+SEMANTIC_CHANGES = ("policy", "veto")
+CHANGES = INVALIDATIONS + SEMANTIC_CHANGES
 DIMENSION = 384
 #: What SharedStore.search runs (stratacache/shared.py); kept equal to it by hand.
 SEARCH_SQL = ("SELECT id, record, embedding, embedding <#> %s AS d FROM stratacache.entries "
               "WHERE partition = %s AND (expires_at IS NULL OR expires_at > %s) "
               "ORDER BY embedding <#> %s LIMIT %s")
+#: The alternative measured beside it: the index over a half-precision cast of the column
+#: (half the index's size), searched in that cast; the rows still carry the exact float32
+#: similarity, so a candidate is judged as the server judges it.
+HALFVEC = f"halfvec({DIMENSION})"
+HALFVEC_SEARCH_SQL = SEARCH_SQL.replace("ORDER BY embedding <#> %s",
+                                        f"ORDER BY embedding::{HALFVEC} <#> %s::{HALFVEC}")
+INDEX_TYPES = ("vector", "halfvec")
 #: Bytes in each loaded row's record (a prompt and answer of a few hundred bytes).
 RECORD_BYTES = 300
 #: Noise of a "near" query: cosine about 0.95 (the server's default threshold) to the stored
@@ -145,8 +164,16 @@ def _wait(condition: Callable[[], bool], what: str) -> int:
 
 # -- 1. invalidation propagation ---------------------------------------------------------------
 
-def _invalidate(a: Client, kind: str, namespace: str, entry_id: str, user: str) -> bool:
-    """Sends one invalidation of the round's entry through A; whether it removed it."""
+def _invalidate(a: Client, kind: str, namespace: str, entry_id: str, user: str,
+                variant: str) -> bool:
+    """Sends one change of the round's entry through A; whether it took effect there."""
+    if kind == "policy":
+        return a.set_policy(namespace, max_wrong_rate=0.01,
+                            timeout=SETUP_TIMEOUT_S)["threshold"] is None
+    if kind == "veto":
+        a.feedback(entry_id, variant, False, namespace=namespace, timeout=SETUP_TIMEOUT_S)
+        return not a.lookup(variant, namespace=namespace, template_id="faq",
+                            timeout=SETUP_TIMEOUT_S).hit
     if kind == "template":
         return a.invalidate_template("faq", namespace=namespace, timeout=SETUP_TIMEOUT_S) == 1
     if kind == "namespace":
@@ -177,14 +204,14 @@ def propagation(clients: list[Client], pollers: list[Client], rounds: int,
     """Part 1 (see the module docstring)."""
     a, others = clients[0], clients[1:]
     seconds: dict[str, list[float]] = {"B": [], "C": []}
-    by_kind: dict[str, list[float]] = {k: [] for k in INVALIDATIONS}
+    by_kind: dict[str, list[float]] = {k: [] for k in CHANGES}
     after_ack: list[float] = []
     ack: list[float] = []
     polls: list[int] = []
-    served_after, not_removed = 0, 0
+    served_after, not_removed, exact_lost = 0, 0, 0
     with ThreadPoolExecutor(2) as pool:
         for i in tqdm(range(rounds), desc="1. invalidation propagation", unit="round"):
-            kind = INVALIDATIONS[i % len(INVALIDATIONS)]
+            kind = CHANGES[i % len(CHANGES)]
             namespace, user = f"bench-prop-{run}-{i}", f"user-{run}-{i}"
             prompt, variant = _prompt(run, i)
             entry_id = a.store(prompt, f"answer {i}", namespace=namespace, template_id="faq",
@@ -198,9 +225,11 @@ def propagation(clients: list[Client], pollers: list[Client], rounds: int,
                 _wait(lambda c=client: _local(c.lookup(
                     variant, namespace=namespace, template_id="faq",
                     timeout=SETUP_TIMEOUT_S).tier), "a local copy on B and C")
+            semantic = kind in SEMANTIC_CHANGES
             sent = time.perf_counter()
-            waits = [pool.submit(_until_miss, c, prompt, namespace) for c in pollers]
-            removed = _invalidate(a, kind, namespace, entry_id, user)
+            waits = [pool.submit(_until_miss, c, variant if semantic else prompt, namespace)
+                     for c in pollers]
+            removed = _invalidate(a, kind, namespace, entry_id, user, variant)
             acked = time.perf_counter()
             not_removed += not removed
             ack.append(acked - sent)
@@ -211,9 +240,13 @@ def propagation(clients: list[Client], pollers: list[Client], rounds: int,
                 after_ack.append(missed - acked)
                 polls.append(lookups)
             for client in clients:
-                for text in (prompt, variant):
+                for text in (variant,) if semantic else (prompt, variant):
                     served_after += client.lookup(text, namespace=namespace, template_id="faq",
                                                   timeout=SETUP_TIMEOUT_S).hit
+                if semantic:  # the exact hit stays
+                    exact_lost += not client.lookup(prompt, namespace=namespace,
+                                                    template_id="faq",
+                                                    timeout=SETUP_TIMEOUT_S).hit
     both = seconds["B"] + seconds["C"]
     return {
         "rounds": rounds, "from": "the invalidation sent through A",
@@ -222,9 +255,9 @@ def propagation(clients: list[Client], pollers: list[Client], rounds: int,
         "after_acknowledged": _seconds(after_ack), "invalidation_call": _seconds(ack),
         "lookups_until_miss": {"mean": round(float(np.mean(polls)), 2), "max": max(polls)},
         "invalidations_that_removed_nothing": not_removed,
-        "hits_after_the_miss": served_after,
+        "hits_after_the_miss": served_after, "exact_hits_lost_to_semantic_changes": exact_lost,
         "met": bool(np.percentile(both, 99) <= TARGETS["propagation_p99_s"]
-                    and served_after == 0 and not_removed == 0)}
+                    and served_after == 0 and not_removed == 0 and exact_lost == 0)}
 
 
 def _seconds(values: list[float]) -> dict[str, Any]:
@@ -371,9 +404,10 @@ def _partition(p: int) -> bytes:
 
 def _searches(conn: psycopg.Connection, vectors: np.ndarray, partitions: int,
               queries: dict[str, tuple[np.ndarray, np.ndarray]],
-              ef_search: int) -> dict[str, Any]:
-    """Each kind of query through the search SQL in both iterative-scan orders: latency,
-    recall@1 against exact search in the query's partition, and the plan."""
+              ef_search: int, search_sql: str) -> dict[str, Any]:
+    """Each kind of query through ``search_sql`` in both iterative-scan orders: latency,
+    recall@1 against exact search in the query's partition (the best exact similarity among
+    the rows returned, as the pipeline picks), and the plan."""
     conn.execute("SELECT set_config('hnsw.ef_search', %s, false)", (str(ef_search),))
     members = [np.arange(p, len(vectors), partitions) for p in range(partitions)]
     # Every query once, untimed: the pages it reads are in PostgreSQL's buffers for whichever
@@ -381,25 +415,25 @@ def _searches(conn: psycopg.Connection, vectors: np.ndarray, partitions: int,
     now = time.time()
     for query, where in queries.values():
         for q, p in zip(query, where):
-            conn.execute(SEARCH_SQL, (q, _partition(int(p)), now, q, SEARCH_K)).fetchall()
+            conn.execute(search_sql, (q, _partition(int(p)), now, q, SEARCH_K)).fetchall()
     out: dict[str, Any] = {}
     for order in ("strict_order", "relaxed_order"):
         conn.execute("SELECT set_config('hnsw.iterative_scan', %s, false)", (order,))
         for kind, (query, where) in queries.items():
             now = time.time()
             plan = "\n".join(r[0] for r in conn.execute(
-                "EXPLAIN " + SEARCH_SQL, (query[0], _partition(int(where[0])), now, query[0],
+                "EXPLAIN " + search_sql, (query[0], _partition(int(where[0])), now, query[0],
                                           SEARCH_K)).fetchall())
             seconds, shortfall, short = [], [], 0
             for q, p in zip(query, where):
                 started = time.perf_counter()
-                rows = conn.execute(SEARCH_SQL, (q, _partition(int(p)), now, q,
+                rows = conn.execute(search_sql, (q, _partition(int(p)), now, q,
                                                  SEARCH_K)).fetchall()
                 seconds.append(time.perf_counter() - started)
                 ids = members[int(p)]
                 best = float(np.max(vectors[ids] @ q))
                 # <#> is the negative inner product; no row at all falls short by everything
-                shortfall.append(best - (-float(rows[0][3]) if rows else -1.0))
+                shortfall.append(best - max((-float(r[3]) for r in rows), default=-1.0))
                 short += len(rows) < min(SEARCH_K, len(ids))
             gap = np.asarray(shortfall)
             out[f"{kind}/{order}"] = {
@@ -446,15 +480,18 @@ def _vectors(kind: str, entries: int, n_queries: int, data: Path,
 
 def pgvector_scale(postgres: PostgresServer, entries: int, layouts: list[int], n_queries: int,
                    vectors_kind: str, ef_construction: int, ef_search: int, data: Path,
-                   seed: int, work: Path) -> dict[str, Any]:
+                   seed: int, work: Path, index_types: list[str]) -> dict[str, Any]:
     """Part 4 (see the module docstring)."""
     dsn = postgres.create_database(f"bench_scale_{uuid.uuid4().hex[:8]}")
     index = _migrate(dsn, work, ef_construction)
+    halfvec_index = index.replace("(embedding vector_ip_ops)",
+                                  f"(((embedding)::{HALFVEC}) halfvec_ip_ops)")
+    assert halfvec_index != index, index
     rng = np.random.default_rng(seed)
     vectors, far, far_name = _vectors(vectors_kind, entries, n_queries, data, rng)
     out: dict[str, Any] = {"entries": entries, "dimension": DIMENSION, "vectors": vectors_kind,
                            "ef_search": ef_search, "k": SEARCH_K,
-                           "index": index,
+                           "index": index, "halfvec_index": halfvec_index,
                            "queries": n_queries, "near_cosine": NEAR_COSINE,
                            "recall_tolerance": RECALL_TOLERANCE, "layouts": {}}
     noise = np.sqrt((1 / NEAR_COSINE ** 2 - 1) / DIMENSION)
@@ -467,13 +504,20 @@ def pgvector_scale(postgres: PostgresServer, entries: int, layouts: list[int], n
                 far_name: (far, where),
                 "near": (_unit(vectors[sources] + rng.normal(0, noise, (n_queries, DIMENSION))),
                          where)}
-            load = _load(conn, vectors, layout, index)
-            out["layouts"][str(layout)] = {
-                "partitions": layout, "entries_per_partition": entries // layout, **load,
-                "table_and_indexes_mib": round(conn.execute(
-                    "SELECT pg_total_relation_size('stratacache.entries')").fetchone()[0]
-                    / 2 ** 20, 1),
-                "searches": _searches(conn, vectors, layout, queries, ef_search)}
+            for kind in index_types:
+                halfvec = kind == "halfvec"
+                load = _load(conn, vectors, layout, halfvec_index if halfvec else index)
+                out["layouts"][f"{layout}/halfvec" if halfvec else str(layout)] = {
+                    "partitions": layout, "index_type": kind,
+                    "entries_per_partition": entries // layout, **load,
+                    "table_and_indexes_mib": round(conn.execute(
+                        "SELECT pg_total_relation_size('stratacache.entries')").fetchone()[0]
+                        / 2 ** 20, 1),
+                    "index_mib": round(conn.execute(
+                        "SELECT pg_relation_size('stratacache.entries_embedding')").fetchone()[0]
+                        / 2 ** 20, 1),
+                    "searches": _searches(conn, vectors, layout, queries, ef_search,
+                                          HALFVEC_SEARCH_SQL if halfvec else SEARCH_SQL)}
     postgres.execute("postgres", f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}"')
     return out
 
@@ -691,8 +735,9 @@ def _print_parts(r: dict[str, Any]) -> None:
         print(table(rows, ("node / kind", "n", "p50 ms", "p99 ms", "max ms")))
         print(f"lookups per poll until the miss: mean {p['lookups_until_miss']['mean']}, max "
               f"{p['lookups_until_miss']['max']}; hits after the miss: "
-              f"{p['hits_after_the_miss']}; invalidations that removed nothing: "
-              f"{p['invalidations_that_removed_nothing']}")
+              f"{p['hits_after_the_miss']}; changes that did nothing on A: "
+              f"{p['invalidations_that_removed_nothing']}; exact hits lost to a policy or "
+              f"veto: {p['exact_hits_lost_to_semantic_changes']}")
     if "store_to_hit" in r:
         s = r["store_to_hit"]
         print(f"\n2. Store on A, then B's lookup of a variant, {s['rounds']} rounds")
@@ -723,14 +768,18 @@ def _print_parts(r: dict[str, Any]) -> None:
         rows = []
         for layout in v["layouts"].values():
             for name, f in layout["searches"].items():
-                rows.append([layout["partitions"], layout["entries_per_partition"], name,
+                rows.append([layout["partitions"], layout.get("index_type", "vector"),
+                             layout["entries_per_partition"], name,
                              f["p50_ms"], f["p99_ms"], f["recall_at_1"], f["max_shortfall"],
                              f["fewer_than_k_rows"], f["plan"]])
-        print(table(rows, ("partitions", "per partition", "queries/scan order", "p50 ms",
-                           "p99 ms", "recall@1", "max shortfall", "< k rows", "plan")))
-        print(table([[layout["partitions"], layout["copy_s"], layout["index_build_s"],
+        print(table(rows, ("partitions", "index", "per partition", "queries/scan order",
+                           "p50 ms", "p99 ms", "recall@1", "max shortfall", "< k rows",
+                           "plan")))
+        print(table([[layout["partitions"], layout.get("index_type", "vector"),
+                      layout["copy_s"], layout["index_build_s"], layout.get("index_mib"),
                       layout["table_and_indexes_mib"]] for layout in v["layouts"].values()],
-                    ("partitions", "COPY s", "HNSW build s", "table + indexes MiB")))
+                    ("partitions", "index", "COPY s", "HNSW build s", "index MiB",
+                     "table + indexes MiB")))
         quote = v["tier_scale"]
         if quote is None:
             print("single-node tiers: benchmarks/results/tier_scale.json is absent "
@@ -789,7 +838,8 @@ def _summary(r: dict[str, Any]) -> list[list[object]]:
                      f"{q['decisions_differing']} differ", _verdict(q["met"])])
     if "pgvector" in r:
         v = r["pgvector"]
-        layouts = list(v["layouts"].values())
+        layouts = [layout for layout in v["layouts"].values()
+                   if layout.get("index_type", "vector") == "vector"]
         recall = {layout["partitions"]: layout["searches"]["near/strict_order"]["recall_at_1"]
                   for layout in layouts}
         figures = "; ".join(
@@ -861,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="part 4: hnsw.ef_search of the searches (the server sets its "
                              "--hnsw-ef-search)")
     parser.add_argument("--queries", type=int, default=200, help="queries per kind in part 4")
+    parser.add_argument("--index-types", default=",".join(INDEX_TYPES),
+                        help="part 4: the HNSW indexes to measure, comma-separated: vector "
+                             "(the server's: float32) and halfvec (over a half-precision cast)")
     parser.add_argument("--down-seconds", type=float, default=4.0,
                         help="part 5a: seconds of service before PostgreSQL stops, stopped, and "
                              "after Stores resume")
@@ -877,6 +930,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     parts = {p.strip() for p in args.parts.split(",")}
     layouts = [1] + [int(n) for n in args.partitions.split(",") if int(n) != 1]
+    index_types = [t.strip() for t in args.index_types.split(",") if t.strip()]
+    if not index_types or set(index_types) - set(INDEX_TYPES):
+        parser.error(f"--index-types takes some of {', '.join(INDEX_TYPES)}, comma-separated")
     if any(args.entries % n for n in layouts):
         parser.error(f"--entries {args.entries} is not a multiple of every --partitions "
                      f"({args.partitions})")
@@ -911,7 +967,7 @@ def main(argv: list[str] | None = None) -> int:
         if "4" in parts:
             v = pgvector_scale(postgres, args.entries, layouts, args.queries, args.vectors,
                                args.ef_construction, args.ef_search, args.data, args.seed,
-                               work)
+                               work, index_types)
             v["tier_scale"] = _tier_scale_quote()
             results["pgvector"] = v
     elapsed = time.perf_counter() - started

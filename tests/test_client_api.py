@@ -106,5 +106,6 @@ def test_health_needs_no_key_and_names_an_unknown_service(start_server) -> None:
     with server.client() as c:  # no key: health stays open, as load balancers ask it
         assert c.health() == "SERVING"
         assert c.health("stratacache.v1.SemanticCache") == "SERVING"
+        assert c.health("stratacache.writes") == "SERVING"  # no shared store to lose
         with pytest.raises(stratacache.NotFoundError):
             c.health("no.such.Service")

@@ -16,6 +16,7 @@ import pytest
 from stratacache import Client, cli, shared
 from stratacache.client import UnavailableError
 from stratacache.errors import CacheError
+from tests.data import qqp_pairs
 from tests.processes import ServerProcess, free_port
 
 QUESTION = "How do I reset my password?"
@@ -110,32 +111,87 @@ def test_delete_entry_and_a_policy_change_reach_every_node(fleet) -> None:  # ty
              "b to apply the policy")
 
 
-def test_a_node_cut_off_from_the_database_catches_up_when_it_returns(
-        fleet, postgres, shared_store: str, start_server, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Node B logs in as its own role; the test takes its login away (its connections are
-    ended) while A invalidates, then gives it back: B must not serve the invalidated entry."""
+def test_policies_evidence_and_vetoes_are_the_fleets(
+        fleet, start_server, postgres, shared_store: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Evidence added and feedback given through any node count on every node, one started
+    later included; a wrong report vetoes the entry everywhere; DeleteUser erases the user's
+    evidence rows from PostgreSQL and every node."""
+    nodes = fleet(3)
+    a, b, c = (node.client() for node in nodes)
+    a.set_policy("qa", max_wrong_rate=0.5)
+    pairs = [(p.a, p.b, p.duplicate) for p in qqp_pairs(300)]
+    added = a.add_evidence("qa", pairs)["policy"]
+    assert added["evidence"] == 300 and added["threshold"] is not None
+    wait_for(lambda: b.get_policy("qa")["evidence"] == 300, "b to apply the evidence")
+    assert b.get_policy("qa")["threshold"] == pytest.approx(added["threshold"])
+
+    entry_id = a.store(QUESTION, "answer", user_id="u-7")
+    assert b.lookup(PARAPHRASE).hit and holds_locally(nodes[1], entry_id)
+    # C never served it: the report finds it in the shared store
+    assert not c.feedback(entry_id, PARAPHRASE, False)["entry_deleted"]
+    for client in (a, b, c):
+        wait_for(misses(client, PARAPHRASE), "every node to veto the entry for the paraphrase")
+        assert client.lookup(QUESTION).entry_id == entry_id  # vetoed near the report only
+    assert b.stats()["namespaces"]["default"]["vetoed_entries"] == 1
+
     database = shared_store.rsplit("/", 1)[1]
-    postgres.execute(database, "CREATE ROLE node_b LOGIN SUPERUSER")
+    d = start_server(data_dir=tmp_path / "late", shared_store=shared_store).client()
+    late = d.get_policy("qa")  # taken from the shared store at start, no wait
+    assert (late["evidence"], late["threshold"]) == (300, pytest.approx(added["threshold"]))
+    assert late["bound"] == pytest.approx(0.5)
+    assert d.get_policy("default")["feedback_wrong"] == 1
+    assert not d.lookup(PARAPHRASE).hit and d.lookup(QUESTION).hit
+
+    assert postgres.execute(database, "SELECT count(*) FROM stratacache.evidence WHERE "
+                                      "user_id = 'u-7'") == [(1,)]
+    b.delete_user("u-7")
+    assert postgres.execute(database, "SELECT count(*) FROM stratacache.evidence WHERE "
+                                      "user_id = 'u-7'") == [(0,)]
+    for client in (a, c, d):
+        wait_for(lambda: client.get_policy("default")["feedback_wrong"] == 0,
+                 "every node to erase the user's evidence")
+    rows = nodes[0].engine.policies._db.execute(
+        "SELECT count(*) FROM evidence WHERE user_id = 'u-7'").fetchone()
+    assert rows == (0,)
+
+
+@pytest.mark.parametrize("log_pruned", [False, True], ids=["log-kept", "log-pruned"])
+def test_a_node_cut_off_from_the_database_catches_up_when_it_returns(
+        fleet, postgres, shared_store: str, start_server, tmp_path: Path,
+        log_pruned: bool) -> None:  # type: ignore[no-untyped-def]
+    """Node B logs in as its own role; the test takes its login away (its connections are
+    ended) while A invalidates, then gives it back: B must not serve the invalidated entry.
+    With ``log_pruned``, the invalidation has left the log by then: B must notice and empty
+    its local tiers."""
+    database = shared_store.rsplit("/", 1)[1]
+    role = f"node_b_{database}"  # roles are the cluster's, not the database's
+    postgres.execute(database, f"CREATE ROLE {role} LOGIN SUPERUSER")
     (a_node,) = fleet(1)
     b_node = start_server(data_dir=tmp_path / "b",
-                          shared_store=shared_store.replace("postgres@", "node_b@"))
+                          shared_store=shared_store.replace("postgres@", f"{role}@"))
     a, b = a_node.client(), b_node.client()
     entry_id = a.store(QUESTION, "answer", namespace="support")
     assert b.lookup(QUESTION, namespace="support").hit
     assert holds_locally(b_node, entry_id)
     try:
-        postgres.execute(database, "ALTER ROLE node_b NOLOGIN")
+        postgres.execute(database, f"ALTER ROLE {role} NOLOGIN")
         postgres.execute("postgres", "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                     "WHERE usename = 'node_b'")
+                                     f"WHERE usename = '{role}'")
         wait_for(lambda: not b_node.engine.shared.feed.connected, "b to notice")
         assert a.invalidate_namespace("support") == 1
         with pytest.raises(UnavailableError, match="shared store"):
             b.store(OTHER, "an answer B cannot commit", namespace="support")
         assert b.lookup(OTHER, namespace="support").hit is False  # no error, a miss
+        if log_pruned:
+            postgres.execute(database, "WITH gone AS (DELETE FROM stratacache.changes "
+                                       "RETURNING seq) UPDATE stratacache.meta SET value = "
+                                       "(SELECT to_jsonb(max(seq)) FROM gone) "
+                                       "WHERE key = 'pruned_through'")
     finally:
-        postgres.execute(database, "ALTER ROLE node_b LOGIN")
+        postgres.execute(database, f"ALTER ROLE {role} LOGIN")
     wait_for(lambda: b_node.engine.shared.feed.connected, "b to reconnect")
     assert not b.lookup(QUESTION, namespace="support").hit  # caught up before serving
+    assert not holds_locally(b_node, entry_id)
 
 
 def test_a_restarted_node_does_not_serve_what_changed_while_it_was_stopped(
@@ -157,17 +213,22 @@ def test_lookups_survive_the_database_going_away_and_stores_resume(
     (node,) = fleet(1)
     client = node.client()
     assert holds_locally(node, client.store(QUESTION, "answer"))
+    assert client.health("stratacache.writes") == "SERVING"
     postgres.stop()
     try:
-        wait_for(lambda: not node.engine.shared.feed.connected, "the node to notice")
+        wait_for(lambda: client.health("stratacache.writes") == "NOT_SERVING",
+                 "health to report that writes cannot succeed")
+        assert client.health() == "SERVING"  # lookups still answer
         assert client.lookup(PARAPHRASE).hit  # local tiers still answer
         assert not client.lookup(OTHER).hit  # a miss, never an error
         with pytest.raises(UnavailableError, match=r"shared store 127\.0\.0\.1:\d+/t_\w+ as "
                                                    r"postgres is unreachable"):
             client.store(OTHER, "answer")
+        with pytest.raises(UnavailableError, match="nothing was changed"):
+            client.set_policy("default", min_similarity=0.95)
     finally:
         postgres.start()
-    wait_for(lambda: node.engine.shared.feed.connected, "the node to reconnect")
+    wait_for(lambda: client.health("stratacache.writes") == "SERVING", "the node to reconnect")
     assert client.store(OTHER, "answer")
     assert client.lookup(OTHER).hit
 

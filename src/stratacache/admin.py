@@ -338,7 +338,9 @@ def _delete_entry_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _health_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service", default="", help="a service's full name, e.g. "
-                        "stratacache.v1.SemanticCache (default: the whole server)")
+                        "stratacache.v1.SemanticCache, or stratacache.writes (NOT_SERVING "
+                        "while Stores and admin changes cannot succeed: a --shared-store that "
+                        "is unreachable) (default: the whole server)")
 
 
 def _show_health(result: dict[str, Any]) -> str:

@@ -34,16 +34,16 @@ from .messages import (LookupRequest, LookupResult, NamespaceCounts, NamespaceSt
 from .metrics import LoopLagProbe, Metrics
 from .pipeline import Pipeline
 from .placement import Placement
-from .policy import Defaults, Policy, PolicyBook, PolicyStatus
-from .records import Tier
-
-if TYPE_CHECKING:
-    from .shared import SharedStore
+from .policy import Defaults, Observation, Policy, PolicyBook, PolicyStatus
+from .records import Entry, Tier
 from .tiers.base import Filter, Quarantine, return_free_memory
 from .tiers.cold import ColdTier
 from .tiers.hot import DEFAULT_HNSW_MIN_ENTRIES, HotTier
 from .tiers.warm import WarmTier
 from .verify import Verifier
+
+if TYPE_CHECKING:
+    from .shared import EvidenceRow, SharedStore
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,9 @@ class Engine:
         self.feedback_desk = Feedback(self.policies, self.placement, encoder, verifier,
                                       self._model_thread, self._embedder, self._verifier,
                                       self.metrics, evict_after=settings.feedback_evict_after,
-                                      remove=self._remove_ids)
+                                      remove=self._remove_ids, find=self._find,
+                                      publish=None if self.shared is None
+                                      else self._publish_evidence)
         self._sweeper: asyncio.Task[None] | None = None
         self.loop_lag = LoopLagProbe(observe=self.metrics.observe_loop_lag)
         self.metrics.describe(model=encoder.identity.name, device=encoder.device,
@@ -139,9 +141,11 @@ class Engine:
         engine = cls(settings, encoder, verifier=verifier, **kwargs)
         try:
             await engine.placement.reconcile()
-            await engine.feedback_desk.load()
-            if engine.shared is not None:
-                await engine.shared.open(engine._apply_change, engine._forget_local_copies)
+            if engine.shared is None:
+                await engine.feedback_desk.load()
+            else:  # the node's evidence is replaced by the fleet's, then loaded
+                await engine.shared.open(engine._apply_change, engine._forget_local_copies,
+                                         engine._take_book)
             # What they built of every warm entry is gone now; the heap pages it held stay
             # resident unless handed back (about 190 bytes a warm entry at 100k entries).
             return_free_memory()
@@ -199,14 +203,40 @@ class Engine:
         """
         self._check_open()
         namespace = validation.namespace(namespace)
+        policy = self.policies.checked(policy)
+        applied = False
+        if self.shared is not None:  # every node applies it from its change feed, this one too
+            change = await self.shared.set_policy(namespace, policy,
+                                                  clear_evidence=clear_evidence)
+            applied = await self.shared.applied_through(change)
+        if not applied:  # no shared store, or this node's feed is reconnecting (idempotent)
+            await self._apply_policy(namespace, policy, clear_evidence)
+        return await self._settled_status(namespace)
+
+    async def _apply_policy(self, namespace: str, policy: Policy, clear_evidence: bool) -> None:
         await self.policies.set_policy(namespace, policy)
         if clear_evidence:
             await self.policies.clear_evidence(namespace)
-        if self.shared is not None:
-            await self.shared.announce("policy", {"namespace": namespace,
-                                                  "policy": dataclasses.asdict(policy),
-                                                  "clear_evidence": clear_evidence})
-        return await self._settled_status(namespace)
+
+    async def _publish_evidence(self, namespace: str, observations: list[Observation]) -> None:
+        """Adds observations to the shared store's evidence; returns once this node's change
+        feed has recorded them (or APPLY_WAIT_S has passed: it records them when back).
+
+        Raises:
+            StorageFull: the namespace holds as much evidence as a node keeps.
+            Unavailable: the shared store is unreachable (nothing added).
+        """
+        assert self.shared is not None
+        self.policies.check_room(namespace, len(observations))
+        await self.shared.applied_through(await self.shared.add_evidence(
+            namespace, observations, self.policies.verifier_id))
+
+    async def _take_book(self, policies: dict[str, Policy],
+                         evidence: list[EvidenceRow]) -> None:
+        """Replaces this node's policies and evidence with the shared store's, and loads them
+        (re-scoring rows another verifier scored, rebuilding the vetoes)."""
+        await self.policies.replace_all(policies, evidence)
+        await self.feedback_desk.load()
 
     async def policy_status(self, namespace: str) -> PolicyStatus:
         self._check_open()
@@ -277,9 +307,7 @@ class Engine:
         missing = NotFound(f"no entry with id {entry_id!r}: it was never stored, or has been "
                            "removed, evicted or expired")
         if within is not None:
-            entry = await self.placement.find(entry_id)
-            if entry is None and self.shared is not None:
-                entry = await self.shared.get(entry_id)
+            entry = await self._find(entry_id)
             if entry is None or not within(entry.namespace):
                 raise missing
         removed = await self._remove_ids([entry_id])
@@ -287,12 +315,20 @@ class Engine:
             raise missing
         return removed
 
+    async def _find(self, entry_id: str) -> Entry | None:
+        """An entry by id: in the local tiers, else in the shared store."""
+        entry = await self.placement.find(entry_id)
+        if entry is None and self.shared is not None:
+            entry = await self.shared.get(entry_id)
+        return entry
+
     async def _remove_ids(self, ids: list[str]) -> int:
-        """Removes entries by id (DeleteEntry, feedback); returns how many were found."""
+        """Removes entries by id (DeleteEntry, feedback): from the shared store first, then
+        from the local tiers; returns how many were found."""
         self._check_open()
-        removed = await self.placement.remove(ids)
-        if self.shared is not None:
-            removed = max(removed, await self.shared.remove(Filter(ids=frozenset(ids))))
+        shared = 0 if self.shared is None else await self.shared.remove(
+            Filter(ids=frozenset(ids)))
+        removed = max(shared, await self.placement.remove(ids))
         self.metrics.invalidated += removed
         return removed
 
@@ -321,10 +357,10 @@ class Engine:
                 await self.placement.remove_matching(where)
                 await self._forget_user(where.user_id, where.namespace)
         elif kind == "policy":
-            namespace = body["namespace"]
-            await self.policies.set_policy(namespace, Policy(**body["policy"]))
-            if body.get("clear_evidence"):
-                await self.policies.clear_evidence(namespace)
+            await self._apply_policy(body["namespace"], Policy(**body["policy"]),
+                                     bool(body.get("clear_evidence")))
+        elif kind == "evidence":
+            await self.feedback_desk.apply(body["namespace"], body["observations"])
         else:
             log.warning("ignoring a shared-store change of unknown kind %r (a newer server "
                         "wrote it): upgrade this node", kind)

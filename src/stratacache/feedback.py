@@ -4,11 +4,16 @@ Evidence feeds each namespace's calibration (``policy``); a wrong report on a hi
 the entry for prompts like the reported one and, after enough reports, deletes it. Scoring runs
 on the model thread between lookups' passes, not through the lookups' bounded queues, so an
 import never crowds out live traffic.
+
+With a shared store, scored observations are published there (``publish``) instead of being
+recorded here: every node, this one included, records them when its change feed applies them
+(:meth:`Feedback.apply`), so each node's calibration and vetoes rest on the fleet's evidence.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
@@ -22,6 +27,7 @@ from .errors import InvalidArgument, NotFound
 from .metrics import Metrics
 from .placement import Placement
 from .policy import Observation, PolicyBook, PolicyStatus
+from .records import Entry
 from .verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -38,7 +44,10 @@ class Feedback:
                  embedder: Batcher[str, np.ndarray | None],
                  verifier_batcher: Batcher[tuple[str, str, float], float] | None,
                  metrics: Metrics, *, evict_after: int,
-                 remove: Callable[[list[str]], Awaitable[int]] | None = None) -> None:
+                 remove: Callable[[list[str]], Awaitable[int]] | None = None,
+                 find: Callable[[str], Awaitable[Entry | None]] | None = None,
+                 publish: Callable[[str, list[Observation]], Awaitable[None]] | None = None,
+                 ) -> None:
         self._policies = policies
         self._placement = placement
         self._encoder = encoder
@@ -51,6 +60,11 @@ class Feedback:
         #: How an entry reported wrong is deleted: from the local tiers, or (with a shared
         #: store) from the shared store and every node.
         self._remove = remove or placement.remove
+        #: How a reported entry is found: in the local tiers, or also in the shared store.
+        self._find = find or placement.find
+        #: With a shared store: publishes observations there, to be applied by every node.
+        self._publish = publish
+        self._verifier_id = None if verifier is None else verifier.identity.scorer
 
     async def _in_chunks(self, items: Sequence[object],
                          score: Callable[[list], list]) -> list:
@@ -107,8 +121,29 @@ class Feedback:
         observations = [Observation(q, m, bool(label), *score)
                         for (q, m), (_, _, label), score in zip(normalised, pairs, scores)
                         if score is not None]
-        await self._policies.add(namespace, observations)
+        await (self._publish or self._policies.add)(namespace, observations)
         return len(observations), len(pairs) - len(observations), self._policies.status(namespace)
+
+    async def apply(self, namespace: str,
+                    rows: Sequence[tuple[str, Observation, str | None]]) -> None:
+        """Records observations published to the shared store (by any node): re-scored first
+        where another verifier scored them, and vetoes added for wrong feedback."""
+        stale = [i for i, (_, o, verifier) in enumerate(rows)
+                 if self._verifier_id is not None and verifier != self._verifier_id]
+        observations = [o for _, o, _ in rows]
+        if stale:
+            scores = await self._in_chunks([(observations[i].query, observations[i].matched)
+                                            for i in stale], self._score_pairs)
+            for i, score in zip(stale, scores):
+                cosine, verified = score or (observations[i].similarity, None)
+                observations[i] = dataclasses.replace(observations[i], similarity=cosine,
+                                                      verifier_score=verified)
+        await self._policies.add(namespace, observations, capped=False)
+        wrong = [o for o in observations if o.source == "feedback" and not o.correct and o.entry_id]
+        vectors = await self._in_chunks([o.query for o in wrong], self._encoder.encode)
+        for o, vector in zip(wrong, vectors):
+            assert o.entry_id is not None
+            self._policies.add_veto(namespace, o.entry_id, vector)
 
     async def report(self, namespace: str, entry_id: str, prompt: str,
                      correct: bool) -> tuple[bool, PolicyStatus]:
@@ -125,7 +160,7 @@ class Feedback:
         namespace = validation.namespace(namespace)
         entry_id = validation.entry_id(entry_id)
         prompt = keys.normalise_prompt(validation.prompt(prompt))
-        entry = await self._placement.find(entry_id)
+        entry = await self._find(entry_id)
         if entry is None or entry.namespace != namespace:
             raise NotFound(
                 f"no entry {entry_id!r} in namespace {namespace!r}: it was never stored there, or "
@@ -141,12 +176,17 @@ class Feedback:
         score = None
         if self._verifier_batcher is not None:
             score = await self._verifier_batcher.submit((prompt, entry.prompt, similarity))
-        await self._policies.add(namespace, [Observation(
-            prompt, entry.prompt, correct, similarity, score, "feedback", entry_id,
-            user_id=entry.user_id)])
+        observation = Observation(prompt, entry.prompt, correct, similarity, score, "feedback",
+                                  entry_id, user_id=entry.user_id)
+        if self._publish is not None:  # the change feed records it, and the veto
+            await self._publish(namespace, [observation])
+        else:
+            await self._policies.add(namespace, [observation])
+            if not correct:
+                self._policies.add_veto(namespace, entry_id, vector)
         deleted = False
         if not correct:
-            reports = self._policies.add_veto(namespace, entry_id, vector)
+            reports = self._policies.veto_count(entry_id)
             if self._evict_after and reports >= self._evict_after:
                 deleted = await self._delete(entry_id)
                 log.info("entry %s deleted after %d wrong reports", entry_id, reports)

@@ -265,6 +265,11 @@ class PolicyBook:
         self._vetoed_by_namespace: dict[str, set[str]] = {}
         self._closed = False
 
+    @property
+    def verifier_id(self) -> str | None:
+        """The identity of the verifier that scores this book's evidence (None: none)."""
+        return self._verifier_id
+
     # --- start-up -----------------------------------------------------------------------------
 
     def _read_policies(self) -> dict[str, Policy]:
@@ -346,15 +351,17 @@ class PolicyBook:
 
     async def set_policy(self, namespace: str, policy: Policy) -> None:
         """Stores the namespace's policy and waits for its new rule (see :meth:`settled`).
+        Check an admin's policy with :meth:`checked` first.
 
         Raises:
             InvalidArgument: a value out of range (see ``validation.wrong_rate`` and
-                ``validation.similarity``), or verify=True without a verifier; nothing stored.
+                ``validation.similarity``); nothing stored.
         """
         policy = _checked(policy)
-        if policy.verify and not self.defaults.has_verifier:
-            raise InvalidArgument("verify=true, but this server runs without a verifier: start "
-                                  "it with --verifier DIR (see `stratacache tune`)")
+        if policy.verify and not self.defaults.has_verifier:  # set through another node
+            log.warning("namespace %r asks for the verifier, which this server does not run: "
+                        "it decides on the cosine alone (start every node with the same "
+                        "--verifier)", namespace)
 
         def write() -> None:
             with self._db_lock:
@@ -368,6 +375,15 @@ class PolicyBook:
         # A rule made for another policy promises nothing about this one.
         self._changed(namespace, drop_rule=True)
         await self.settled(namespace)
+
+    def checked(self, policy: Policy) -> Policy:
+        """An admin's policy with its numbers checked, refused (InvalidArgument) if it asks for
+        a verifier this server does not run."""
+        policy = _checked(policy)
+        if policy.verify and not self.defaults.has_verifier:
+            raise InvalidArgument("verify=true, but this server runs without a verifier: start "
+                                  "it with --verifier DIR (see `stratacache tune`)")
+        return policy
 
     def _bound(self, namespace: str) -> float | None:
         rate = self.policy(namespace).max_wrong_rate
@@ -487,21 +503,32 @@ class PolicyBook:
 
     # --- evidence -----------------------------------------------------------------------------
 
-    async def add(self, namespace: str, observations: Sequence[Observation]) -> None:
+    def check_room(self, namespace: str, count: int) -> None:
+        """Raises StorageFull if ``count`` more observations would take the namespace past
+        ``max_evidence``."""
+        ev = self._evidence.get(namespace, _Evidence())
+        adding = self._adding.get(namespace, 0)
+        if ev.count + adding + count > self._max_evidence:
+            raise StorageFull(
+                f"namespace {namespace!r} holds {ev.count} labelled observations "
+                f"({adding} more being added); at most {self._max_evidence} are kept: send "
+                f"fewer than {count}, or clear it with set_policy(..., clear_evidence=True)")
+
+    async def add(self, namespace: str, observations: Sequence[Observation], *,
+                  capped: bool = True) -> None:
         """Records scored observations durably and starts recalibrating the namespace (this
         does not wait for it: see :meth:`settled`).
+
+        Args:
+            capped: refuse observations past ``max_evidence``; False for evidence another node
+                added to the shared store, which checked the cap itself.
 
         Raises:
             StorageFull: the namespace would hold more than ``max_evidence`` observations.
         """
-        ev = self._evidence.get(namespace, _Evidence())
         adding = self._adding.get(namespace, 0)
-        if ev.count + adding + len(observations) > self._max_evidence:
-            raise StorageFull(
-                f"namespace {namespace!r} holds {ev.count} labelled observations "
-                f"({adding} more being added); at most {self._max_evidence} are kept: send "
-                f"fewer than {len(observations)}, or clear it with "
-                "set_policy(..., clear_evidence=True)")
+        if capped:
+            self.check_room(namespace, len(observations))
         now = time.time()
 
         def write() -> None:
@@ -588,6 +615,40 @@ class PolicyBook:
                 "open): copies may remain there until it is; repeat the call")
         return removed
 
+    async def replace_all(self, policies: dict[str, Policy],
+                          evidence: Sequence[tuple[str, Observation, str | None]]) -> None:
+        """Replaces every policy and observation with these (a shared store's: each with the
+        verifier that scored it) and forgets every veto; call :meth:`load` (through
+        ``Feedback.load``) next, which re-scores, loads and rebuilds."""
+        def write() -> None:
+            with self._db_lock:
+                self._db.execute("BEGIN")
+                self._db.execute("DELETE FROM policy")
+                self._db.execute("DELETE FROM evidence")
+                now = time.time()
+                self._db.executemany("INSERT INTO policy VALUES (?, ?, ?, ?, ?)", [
+                    (ns, p.max_wrong_rate, p.min_similarity,
+                     None if p.verify is None else int(p.verify), now)
+                    for ns, p in policies.items()])
+                self._db.executemany(
+                    "INSERT INTO evidence (namespace, source, query, matched, correct, entry_id, "
+                    "created_at, similarity, embedder, verifier_score, verifier, user_id) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(ns, o.source, o.query, o.matched, int(o.correct), o.entry_id, now,
+                      o.similarity, self._embedder_id, o.verifier_score, verifier, o.user_id)
+                     for ns, o, verifier in evidence])
+                self._db.execute("COMMIT")
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+        await asyncio.to_thread(write)
+        before = self.namespaces()
+        self._policies = self._read_policies()
+        self._evidence = {}
+        self._vetoes.clear()
+        self._vetoed_by_namespace.clear()
+        for namespace in set(before) | set(self._policies):
+            self._changed(namespace, drop_rule=True)
+
     # --- vetoes -------------------------------------------------------------------------------
 
     def add_veto(self, namespace: str, entry_id: str, query_vector: np.ndarray) -> int:
@@ -598,6 +659,11 @@ class PolicyBook:
         self._vetoes[entry_id] = row if held is None else np.vstack([held, row])
         self._vetoed_by_namespace.setdefault(namespace, set()).add(entry_id)
         return len(self._vetoes[entry_id])  # one veto row per wrong report
+
+    def veto_count(self, entry_id: str) -> int:
+        """The entry's wrong reports so far."""
+        held = self._vetoes.get(entry_id)
+        return 0 if held is None else len(held)
 
     def vetoed(self, entry_id: str, query_vector: np.ndarray) -> bool:
         held = self._vetoes.get(entry_id)

@@ -27,7 +27,9 @@ client gets INTERNAL, never one. Servicer methods raise ``CacheError``s and neve
 themselves, so the wrapper knows every call's final status.
 
 Health (``grpc.health.v1``) and server reflection are registered, open without a key (the API's
-schema, no data), so grpcurl and load balancers work out of the box.
+schema, no data), so grpcurl and load balancers work out of the box. Besides the server ("") and
+its two services, health reports ``stratacache.writes``: NOT_SERVING while Stores and admin
+changes cannot succeed (a ``--shared-store`` that is unreachable) though lookups still answer.
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ _EXPLICIT_NAMESPACE = frozenset({"InvalidateNamespace", "InvalidateTemplate", "D
 SERVICES = (pb.DESCRIPTOR.services_by_name["SemanticCache"],
             pb.DESCRIPTOR.services_by_name[_ADMIN_SERVICE])
 SERVICE_NAMES = tuple(service.full_name for service in SERVICES)
+#: The health service name whose status says whether writes can succeed now.
+WRITES_HEALTH = "stratacache.writes"
 
 _Behaviour = Callable[[Any, grpc.aio.ServicerContext, Caller], Awaitable[Message]]
 
@@ -497,6 +501,7 @@ class CacheServer:
                                                  CacheAdminServicer(engine))):
             _add_service(self._server, service, servicer, layer)
         self._health = health.aio.HealthServicer()
+        self._health_updates: set[asyncio.Task[None]] = set()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
             SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
@@ -523,6 +528,20 @@ class CacheServer:
         await self._server.start()
         for name in SERVICE_NAMES + ("",):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        shared = self.engine.shared
+        if shared is not None and shared.feed is not None:
+            shared.feed.on_connected.append(self._writes_changed)
+        await self._set_writes(shared is None or shared.connected)
+
+    def _writes_changed(self, writable: bool) -> None:
+        task = asyncio.get_running_loop().create_task(self._set_writes(writable))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
+
+    async def _set_writes(self, writable: bool) -> None:
+        status = health_pb2.HealthCheckResponse
+        # The feed logs the loss and the return; this only tells load balancers.
+        await self._health.set(WRITES_HEALTH, status.SERVING if writable else status.NOT_SERVING)
 
     async def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, let in-flight calls finish for up to ``grace_s``, then flush the tiers."""

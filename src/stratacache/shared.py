@@ -10,12 +10,17 @@ database:
   fleet-wide); exact and semantic lookups of what a node does not hold locally (per partition,
   pgvector HNSW on inner product with iterative scans, so filtering by partition costs no
   recall);
+- namespace policies and calibration evidence (labelled pairs and feedback, whose wrong reports
+  are the vetoes): the fleet's record, of which each node's ``evidence.sqlite3`` is a copy,
+  replaced from here whenever a node starts (or returns after the log was pruned);
 - changes every node must apply (invalidations, DeleteUser, DeleteEntry, replaced entries,
-  policy changes): written to ``stratacache.changes`` in the same transaction as the change,
-  numbered, and announced with NOTIFY. Each node's :class:`ChangeFeed` LISTENs, applies the
-  changes in order and remembers the last one it applied in its data directory, so a node that
-  was disconnected or stopped catches up before it serves again from the shared store (and
-  empties its local tiers when the log no longer reaches back to where it stopped).
+  policy changes, evidence added): written to ``stratacache.changes`` in the same transaction
+  as the change, numbered, and announced with NOTIFY. Each node's :class:`ChangeFeed` LISTENs,
+  applies the changes in order (the node that made a change too: it waits for its own feed,
+  so every node applies the same changes the same way) and remembers the last one it applied
+  in its data directory, so a node that was disconnected or stopped catches up before it
+  serves again from the shared store (and empties its local tiers when the log no longer
+  reaches back to where it stopped).
 
 Change rows commit in sequence order: every transaction that writes one takes one advisory
 lock as its last step before the insert, so a reader that has seen change N has seen every
@@ -46,12 +51,14 @@ import numpy as np
 
 from . import records
 from .errors import CacheError, StorageFailed, Unavailable
+from .policy import Observation, Policy
 from .records import Entry
 from .tiers.base import Filter
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+#: 1: entries and changes; 2: policies and evidence.
+SCHEMA_VERSION = 2
 CHANNEL = "stratacache_changes"
 #: Advisory lock keys: schema migration, and the order of change rows.
 MIGRATE_LOCK = 0x5374726174610001
@@ -72,11 +79,21 @@ POOL_SIZE = 4
 RECONNECT_S = (0.1, 1.0)
 #: The local file holding the last change this node applied.
 STATE_FILE = "shared-store.json"
+#: Seconds a node that made a change waits for its own feed to apply it before answering.
+APPLY_WAIT_S = 5.0
 
 #: Changes that remove entries (their body is a Filter): "remove" and DeleteUser's "user".
 ENTRY_CHANGES = ("remove", "user")
-#: Local work for one change: (kind, body).
+#: Changes to policies and evidence: skipped when the node's copy was taken after them.
+BOOK_CHANGES = ("policy", "evidence")
+#: Local work for one change: (kind, body). An "evidence" body carries its rows under
+#: "observations", read by the feed.
 Apply = Callable[[str, dict[str, Any]], Awaitable[None]]
+#: One evidence row: its namespace, the observation, and the verifier that scored it (None:
+#: unscored by a verifier).
+EvidenceRow = tuple[str, Observation, str | None]
+#: Replaces the node's policies and evidence with the shared store's.
+Sync = Callable[[dict[str, Policy], list[EvidenceRow]], Awaitable[None]]
 
 
 def describe(dsn: str) -> str:
@@ -155,7 +172,36 @@ def _schema(dimension: int, m: int, ef_construction: int) -> list[str]:
         f"ef_construction = {int(ef_construction)})",
         """CREATE TABLE IF NOT EXISTS stratacache.changes (seq bigserial PRIMARY KEY,
             at timestamptz NOT NULL DEFAULT now(), kind text NOT NULL, body jsonb NOT NULL)""",
+        # Version 2.
+        """CREATE TABLE IF NOT EXISTS stratacache.policies (namespace text PRIMARY KEY,
+            max_wrong_rate double precision, min_similarity double precision, verify boolean,
+            updated_at double precision NOT NULL)""",
+        # One row per labelled observation; `batch` groups the rows one call added (the
+        # change announcing them names it). Similarities are under the fleet's one embedder;
+        # verifier scores under `verifier`, re-scored by a node that runs another.
+        """CREATE TABLE IF NOT EXISTS stratacache.evidence (id bigserial PRIMARY KEY,
+            batch text NOT NULL, namespace text NOT NULL, source text NOT NULL,
+            query text NOT NULL, matched text NOT NULL, correct boolean NOT NULL,
+            entry_id text, user_id text, created_at double precision NOT NULL,
+            similarity double precision NOT NULL, verifier_score double precision,
+            verifier text)""",
+        "CREATE INDEX IF NOT EXISTS evidence_batch ON stratacache.evidence (batch)",
+        "CREATE INDEX IF NOT EXISTS evidence_namespace ON stratacache.evidence (namespace)",
+        "CREATE INDEX IF NOT EXISTS evidence_user ON stratacache.evidence (user_id) "
+        "WHERE user_id IS NOT NULL",
     ]
+
+
+_EVIDENCE_COLUMNS = ("namespace, source, query, matched, correct, entry_id, user_id, "
+                     "similarity, verifier_score, verifier")
+
+
+def _evidence_row(row: tuple[Any, ...]) -> EvidenceRow:
+    namespace, source, query, matched, correct, entry_id, user_id, similarity, score, \
+        verifier = row
+    return namespace, Observation(query, matched, bool(correct), float(similarity),
+                                  None if score is None else float(score), source, entry_id,
+                                  user_id), verifier
 
 
 class SharedStore:
@@ -191,9 +237,10 @@ class SharedStore:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self, apply: Apply, reset: Callable[[], Awaitable[None]]) -> None:
-        """Migrates the schema, checks the model, opens the pool and starts the change feed
-        (after catching up, or emptying the local tiers through ``reset``).
+    async def open(self, apply: Apply, reset: Callable[[], Awaitable[None]], sync: Sync) -> None:
+        """Migrates the schema, checks the model, opens the pool and starts the change feed,
+        which first replaces the node's policies and evidence with the store's (``sync``) and
+        catches up (or empties the local tiers through ``reset`` when it cannot).
 
         Raises:
             CacheError: the database is unreachable, lacks pgvector, is newer than this
@@ -216,14 +263,7 @@ class SharedStore:
             configure=self._configure, check=AsyncConnectionPool.check_connection,
             reconnect_timeout=365 * 86400.0, name="stratacache-shared")
         await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 5)
-        applied, pruned = self._read_state(), await self._pruned_through()
-        if applied is None or applied < pruned:
-            log.warning("local tiers emptied: they may hold entries changed in the shared store "
-                        "since this node last saw it (%s)", "never seen" if applied is None
-                        else f"it stopped at change {applied}, the log starts after {pruned}")
-            await reset()
-            applied = await self._last_seq()
-        self.feed = ChangeFeed(self, apply, applied)
+        self.feed = ChangeFeed(self, apply, reset, sync, self._read_state())
         await self.feed.start()
 
     async def _configure(self, conn: Any) -> None:
@@ -446,8 +486,9 @@ class SharedStore:
 
     async def remove(self, where: Filter, *, kind: str = "remove") -> int:
         """Deletes the entries ``where`` selects and announces it (``kind`` "user" for a
-        DeleteUser, which every node also applies to its local keys and evidence); returns
-        how many rows were deleted.
+        DeleteUser, which also deletes the evidence rows of the user's entries here, and which
+        every node also applies to its local keys and evidence); returns how many entries were
+        deleted.
 
         Raises:
             Unavailable: the database is unreachable (nothing changed).
@@ -457,22 +498,97 @@ class SharedStore:
         async def delete(conn: Any) -> int:
             async with conn.transaction():
                 cursor = await conn.execute(f"DELETE FROM stratacache.entries WHERE {sql}", params)
+                if kind == "user":
+                    await conn.execute(
+                        "DELETE FROM stratacache.evidence WHERE user_id = %s AND "
+                        "(%s::text IS NULL OR namespace = %s)",
+                        (where.user_id, where.namespace, where.namespace))
                 await self._announce(conn, kind, filter_body(where))
                 return int(cursor.rowcount)
 
         return await self._run(True, delete)
 
-    async def announce(self, kind: str, body: dict[str, Any]) -> None:
-        """Announces a change that touches no entry (a policy).
+    # --- policies and evidence ----------------------------------------------------------------
+
+    async def set_policy(self, namespace: str, policy: Policy, *,
+                         clear_evidence: bool = False) -> int:
+        """Replaces the namespace's policy (and deletes its evidence if asked), announced to
+        every node; returns the change's number (see :meth:`applied_through`).
 
         Raises:
-            Unavailable: the database is unreachable.
+            Unavailable: the database is unreachable (nothing changed).
         """
-        async def write(conn: Any) -> None:
+        async def write(conn: Any) -> int:
             async with conn.transaction():
-                await self._announce(conn, kind, body)
+                await conn.execute(
+                    "INSERT INTO stratacache.policies VALUES (%s, %s, %s, %s, %s) "
+                    "ON CONFLICT (namespace) DO UPDATE SET max_wrong_rate = "
+                    "EXCLUDED.max_wrong_rate, min_similarity = EXCLUDED.min_similarity, "
+                    "verify = EXCLUDED.verify, updated_at = EXCLUDED.updated_at",
+                    (namespace, policy.max_wrong_rate, policy.min_similarity, policy.verify,
+                     time.time()))
+                if clear_evidence:
+                    await conn.execute("DELETE FROM stratacache.evidence WHERE namespace = %s",
+                                       (namespace,))
+                return await self._announce(conn, "policy", {
+                    "namespace": namespace, "policy": asdict(policy),
+                    "clear_evidence": clear_evidence})
 
-        await self._run(True, write)
+        return int(await self._run(True, write))
+
+    async def add_evidence(self, namespace: str, observations: list[Observation],
+                           verifier: str | None) -> int:
+        """Adds scored observations (verifier scores by ``verifier``) to the namespace's
+        evidence, announced to every node; returns the change's number.
+
+        Raises:
+            Unavailable: the database is unreachable (nothing added).
+        """
+        batch, now = uuid.uuid4().hex, time.time()
+
+        async def write(conn: Any) -> int:
+            async with conn.transaction():
+                async with conn.cursor() as cursor:
+                    await cursor.executemany(
+                        "INSERT INTO stratacache.evidence (batch, created_at, "
+                        f"{_EVIDENCE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
+                        "%s, %s, %s)",
+                        [(batch, now, namespace, o.source, o.query, o.matched, o.correct,
+                          o.entry_id, o.user_id, o.similarity, o.verifier_score,
+                          None if o.verifier_score is None else verifier)
+                         for o in observations])
+                return await self._announce(conn, "evidence",
+                                            {"namespace": namespace, "batch": batch})
+
+        return int(await self._run(True, write))
+
+    async def applied_through(self, seq: int) -> bool:
+        """Waits (up to APPLY_WAIT_S) until this node has applied change ``seq``; False if it
+        has not (its feed is reconnecting: it applies the change when it is back)."""
+        return self.feed is not None and await self.feed.reached(seq, APPLY_WAIT_S)
+
+    @staticmethod
+    async def evidence_batch(conn: Any, batch: str) -> list[EvidenceRow]:
+        rows = await (await conn.execute(
+            f"SELECT {_EVIDENCE_COLUMNS} FROM stratacache.evidence WHERE batch = %s ORDER BY id",
+            (batch,))).fetchall()
+        return [_evidence_row(row) for row in rows]
+
+    @staticmethod
+    async def snapshot(conn: Any) -> tuple[int, dict[str, Policy], list[EvidenceRow]]:
+        """(the last change, every policy, every evidence row), as of that change: one
+        repeatable-read transaction, and change rows commit in sequence order."""
+        async with conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            seq = (await (await conn.execute(
+                "SELECT coalesce(max(seq), 0) FROM stratacache.changes")).fetchone())[0]
+            policies = {ns: Policy(rate, cosine, verify) for ns, rate, cosine, verify in
+                        await (await conn.execute(
+                            "SELECT namespace, max_wrong_rate, min_similarity, verify FROM "
+                            "stratacache.policies")).fetchall()}
+            evidence = [_evidence_row(row) for row in await (await conn.execute(
+                f"SELECT {_EVIDENCE_COLUMNS} FROM stratacache.evidence ORDER BY id")).fetchall()]
+        return int(seq), policies, evidence
 
     async def sweep(self, now: float) -> int:
         """Housekeeping: deletes expired rows (never served anyway: no announcement needed)
@@ -499,20 +615,12 @@ class SharedStore:
 
         return await self._run(False, read)
 
-    async def _pruned_through(self) -> int:
-        async def read(conn: Any) -> int:
-            row = await (await conn.execute(
-                "SELECT value FROM stratacache.meta WHERE key = 'pruned_through'")).fetchone()
-            return int(row[0]) if row else 0
-
-        async with self._pool.connection() as conn:
-            return await read(conn)
-
-    async def _last_seq(self) -> int:
-        async with self._pool.connection() as conn:
-            row = await (await conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM stratacache.changes")).fetchone()
-            return int(row[0])
+    @staticmethod
+    async def pruned_through(conn: Any) -> int:
+        """The last change deleted from the log (0: none yet)."""
+        row = await (await conn.execute(
+            "SELECT value FROM stratacache.meta WHERE key = 'pruned_through'")).fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     async def changes_after(conn: Any, seq: int) -> list[tuple[int, str, dict[str, Any]]]:
@@ -538,6 +646,11 @@ class SharedStore:
     def applied(self) -> int:
         return 0 if self.feed is None else self.feed.applied
 
+    @property
+    def connected(self) -> bool:
+        """Whether the store is reachable (and this node caught up): writes can succeed."""
+        return self.feed is not None and self.feed.connected
+
 
 class ChangeFeed:
     """LISTENs for changes and applies them, in order, once each, on the event loop.
@@ -545,20 +658,47 @@ class ChangeFeed:
     ``connected`` is False from a lost connection until the feed is listening again and has
     caught up: the shared store is not read or written meanwhile (lookups use the local tiers
     alone), so a node never serves from the shared store an entry invalidated while it was
-    away.
+    away. ``on_connected`` callbacks hear each change of it (health checks).
+
+    On its first connection, and on any after the log was pruned past the last change it
+    applied, the feed replaces the node's policies and evidence with the store's (``sync``);
+    in the second case, and when the node never saw this store, it also empties the local
+    tiers (``reset``).
     """
 
-    def __init__(self, store: SharedStore, apply: Apply, applied: int) -> None:
+    def __init__(self, store: SharedStore, apply: Apply, reset: Callable[[], Awaitable[None]],
+                 sync: Sync, applied: int | None) -> None:
         self._store = store
         self._apply = apply
-        self.applied = applied
-        self.connected = False
+        self._reset = reset
+        self._sync = sync
+        #: The last change applied; None: this node never saw this store.
+        self._applied = applied
+        #: Policy and evidence changes up to here are in the node's copy already.
+        self._synced_through: int | None = None
+        self._connected = False
+        self.on_connected: list[Callable[[bool], None]] = []
         self._recent: deque[tuple[int, Filter | None]] = deque(maxlen=RECENT_CHANGES)
-        self._forgotten = applied  # changes up to here are no longer in _recent
+        self._forgotten = applied or 0  # changes up to here are no longer in _recent
         self._task: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()
+        self._advanced = asyncio.Event()
         self._ready = asyncio.Event()
         self._lost = False
+
+    @property
+    def applied(self) -> int:
+        return self._applied or 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @connected.setter
+    def connected(self, value: bool) -> None:
+        if value != self._connected:
+            self._connected = value
+            for callback in self.on_connected:
+                callback(value)
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="change-feed")
@@ -574,6 +714,17 @@ class ChangeFeed:
                         "back", self._store.name, _first_line(exc))
         self.connected = False
         self._lost = True  # the listener reconnects and catches up within a second
+
+    async def reached(self, seq: int, timeout: float) -> bool:
+        """Waits until change ``seq`` is applied; False after ``timeout`` seconds."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.applied < seq:
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(self._advanced.wait(), max(remaining, 0))
+            except TimeoutError:
+                return False
+        return True
 
     def touched_since(self, seq: int, entry: Entry) -> bool:
         if seq < self._forgotten:
@@ -591,6 +742,7 @@ class ChangeFeed:
                         self._store.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                         application_name="stratacache-feed") as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
+                    await self._resync_if_needed(conn)
                     await self._catch_up(conn)
                     await self._store.pool_ready()
                     if not self.connected:
@@ -617,13 +769,43 @@ class ChangeFeed:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_S[1])
 
+    async def _resync_if_needed(self, conn: Any) -> None:
+        """Takes the store's policies and evidence at the first connection, and empties the
+        local tiers too where the log cannot say what changed since this node last looked."""
+        pruned = await self._store.pruned_through(conn)
+        reset = self._applied is None or self._applied < pruned
+        if not reset and self._synced_through is not None:
+            return
+        seq, policies, evidence = await self._store.snapshot(conn)
+        if reset:
+            log.warning("local tiers emptied: they may hold entries changed in the shared "
+                        "store since this node last saw it (%s)", "never seen"
+                        if self._applied is None else f"it stopped at change {self._applied}, "
+                        f"the log starts after {pruned}")
+            await self._reset()
+            self._recent.clear()
+            self._forgotten = self._applied = seq
+            self._store.save_state(seq)
+        await self._sync(policies, evidence)
+        self._synced_through = seq
+        log.info("shared store %s: %d policies and %d evidence rows taken as of change %d",
+                 self._store.name, len(policies), len(evidence), seq)
+
     async def _catch_up(self, conn: Any) -> None:
         while True:
             changes = await self._store.changes_after(conn, self.applied)
             if not changes:
                 return
             for seq, kind, body in changes:
-                if kind != "policy":  # a policy change touches no entry
+                if kind in BOOK_CHANGES:
+                    if seq <= (self._synced_through or 0):
+                        pass  # in the copy taken at the last sync already
+                    elif kind == "evidence":
+                        rows = await self._store.evidence_batch(conn, body["batch"])
+                        await self._apply(kind, body | {"observations": rows})
+                    else:
+                        await self._apply(kind, body)
+                else:
                     if len(self._recent) == self._recent.maxlen:
                         self._forgotten = self._recent[0][0]
                     # Remembered before it is applied: a lookup that read an entry before this
@@ -631,9 +813,11 @@ class ChangeFeed:
                     # unknown kind (None) is taken to touch every entry.
                     where = filter_from(body) if kind in ENTRY_CHANGES else None
                     self._recent.append((seq, where))
-                await self._apply(kind, body)
-                self.applied = seq
+                    await self._apply(kind, body)
+                self._applied = seq
             self._store.save_state(self.applied)
+            self._advanced.set()
+            self._advanced = asyncio.Event()
 
     async def close(self) -> None:
         if self._task is not None:
