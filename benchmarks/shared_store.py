@@ -45,10 +45,11 @@ data directory of its own): three nodes A, B and C on one shared store, and a pl
    ``--vectors qqp`` loads tier_scale's vectors instead (synthetic prompts around real QQP
    questions, its cached base embeddings; held-out real questions as the far queries): like for
    like with its figures, which are quoted from ``benchmarks/results/tier_scale.json`` when
-   that file exists. Target (the issue's): filtering by partition costs no recall. With
-   ``--index-types`` holding halfvec (the default measures both), every layout is loaded again
-   with the index over ``embedding::halfvec(384)`` instead and searched in that cast (rows
-   still carry the exact similarity): recall, latency and index size beside the server's.
+   that file exists. Target (the issue's): filtering by partition costs no recall. The
+   server's index is over ``embedding::halfvec(384)`` (searched in that cast; rows still carry
+   the exact similarity); with ``--index-types`` holding vector (the default measures both),
+   every layout is loaded again with the index over the float32 column instead (schema
+   version 1's): recall, latency and index size side by side.
 5. **Faults.** (a) A client thread sends Stores and lookups (of stored prompts, of their
    variants, of prompts never stored) through A while PostgreSQL runs, is stopped (fast
    shutdown) for ``--down-seconds`` and started again. Its prompts are eight random words
@@ -74,7 +75,7 @@ import asyncio
 import itertools
 import json
 import random
-import sys
+import re
 import tempfile
 import threading
 import time
@@ -97,11 +98,11 @@ from stratacache.config import (DEFAULT_HNSW_EF_CONSTRUCTION, DEFAULT_HNSW_EF_SE
                                 DEFAULT_HNSW_M)
 from stratacache.pairs import LabelledPair
 from stratacache.pipeline import SEARCH_K
-from stratacache.shared import SharedStore
+from stratacache.shared import SharedStore, search_sql
 from tests.postgres import PostgresServer
 from tests.processes import ServerProcess, free_port
 
-from ._common import DEFAULT_DATA, REPO, RESULTS, machine, percentiles_ms, table, write_json
+from ._common import DEFAULT_DATA, RESULTS, machine, percentiles_ms, table, write_json
 from ._quality import crowded_rows, load_pairs
 
 TARGETS = {"propagation_p99_s": 1.0}
@@ -117,17 +118,16 @@ INVALIDATIONS = ("template", "namespace", "entry", "user")
 SEMANTIC_CHANGES = ("policy", "veto")
 CHANGES = INVALIDATIONS + SEMANTIC_CHANGES
 DIMENSION = 384
-#: What SharedStore.search runs (stratacache/shared.py); kept equal to it by hand.
-SEARCH_SQL = ("SELECT id, record, embedding, embedding <#> %s AS d FROM stratacache.entries "
-              "WHERE partition = %s AND (expires_at IS NULL OR expires_at > %s) "
-              "ORDER BY embedding <#> %s LIMIT %s")
-#: The alternative measured beside it: the index over a half-precision cast of the column
-#: (half the index's size), searched in that cast; the rows still carry the exact float32
-#: similarity, so a candidate is judged as the server judges it.
-HALFVEC = f"halfvec({DIMENSION})"
-HALFVEC_SEARCH_SQL = SEARCH_SQL.replace("ORDER BY embedding <#> %s",
-                                        f"ORDER BY embedding::{HALFVEC} <#> %s::{HALFVEC}")
-INDEX_TYPES = ("vector", "halfvec")
+#: What SharedStore.search runs: the index walks a half-precision cast of the vector.
+SEARCH_SQL = search_sql(DIMENSION)
+#: The alternative measured beside it (what version 1 of the schema ran): the index over the
+#: float32 column itself, twice the size.
+FLOAT_SEARCH_SQL = ("SELECT id, record, embedding, embedding <#> %s AS d FROM "
+                    "stratacache.entries WHERE partition = %s AND (expires_at IS NULL OR "
+                    "expires_at > %s) ORDER BY embedding <#> %s LIMIT %s")
+#: The HNSW indexes part 4 can measure: the server's first.
+INDEX_TYPES = ("halfvec", "vector")
+INDEX_NAMES = {"halfvec": "entries_embedding_half", "vector": "entries_embedding"}
 #: Bytes in each loaded row's record (a prompt and answer of a few hundred bytes).
 RECORD_BYTES = 300
 #: Noise of a "near" query: cosine about 0.95 (the server's default threshold) to the stored
@@ -363,7 +363,7 @@ def _migrate(dsn: str, work: Path, ef_construction: int) -> str:
 
     asyncio.run(migrate())
     with psycopg.connect(dsn) as conn:
-        return str(conn.execute("SELECT pg_get_indexdef('stratacache.entries_embedding'::"
+        return str(conn.execute("SELECT pg_get_indexdef('stratacache.entries_embedding_half'::"
                                 "regclass)").fetchone()[0])
 
 
@@ -375,7 +375,8 @@ def _load(conn: psycopg.Connection, vectors: np.ndarray, partitions: int,
           index: str) -> dict[str, float]:
     """Empties the table, COPYs every vector in (entry i in partition i % partitions), builds
     the HNSW index and analyses; returns the seconds of each step."""
-    conn.execute("DROP INDEX IF EXISTS stratacache.entries_embedding")
+    for name in INDEX_NAMES.values():
+        conn.execute(f"DROP INDEX IF EXISTS stratacache.{name}")
     conn.execute("TRUNCATE stratacache.entries")
     record = bytes(RECORD_BYTES)
     started = time.perf_counter()
@@ -484,14 +485,14 @@ def pgvector_scale(postgres: PostgresServer, entries: int, layouts: list[int], n
     """Part 4 (see the module docstring)."""
     dsn = postgres.create_database(f"bench_scale_{uuid.uuid4().hex[:8]}")
     index = _migrate(dsn, work, ef_construction)
-    halfvec_index = index.replace("(embedding vector_ip_ops)",
-                                  f"(((embedding)::{HALFVEC}) halfvec_ip_ops)")
-    assert halfvec_index != index, index
+    float_index = re.sub(r"USING hnsw \(.*\) WITH", "USING hnsw (embedding vector_ip_ops) WITH",
+                         index).replace(INDEX_NAMES["halfvec"], INDEX_NAMES["vector"])
+    assert "vector_ip_ops" in float_index and INDEX_NAMES["vector"] in float_index, float_index
     rng = np.random.default_rng(seed)
     vectors, far, far_name = _vectors(vectors_kind, entries, n_queries, data, rng)
     out: dict[str, Any] = {"entries": entries, "dimension": DIMENSION, "vectors": vectors_kind,
                            "ef_search": ef_search, "k": SEARCH_K,
-                           "index": index, "halfvec_index": halfvec_index,
+                           "index": index, "float_index": float_index,
                            "queries": n_queries, "near_cosine": NEAR_COSINE,
                            "recall_tolerance": RECALL_TOLERANCE, "layouts": {}}
     noise = np.sqrt((1 / NEAR_COSINE ** 2 - 1) / DIMENSION)
@@ -505,19 +506,20 @@ def pgvector_scale(postgres: PostgresServer, entries: int, layouts: list[int], n
                 "near": (_unit(vectors[sources] + rng.normal(0, noise, (n_queries, DIMENSION))),
                          where)}
             for kind in index_types:
-                halfvec = kind == "halfvec"
-                load = _load(conn, vectors, layout, halfvec_index if halfvec else index)
-                out["layouts"][f"{layout}/halfvec" if halfvec else str(layout)] = {
+                servers = kind == INDEX_TYPES[0]
+                load = _load(conn, vectors, layout, index if servers else float_index)
+                out["layouts"][str(layout) if servers else f"{layout}/{kind}"] = {
                     "partitions": layout, "index_type": kind,
                     "entries_per_partition": entries // layout, **load,
                     "table_and_indexes_mib": round(conn.execute(
                         "SELECT pg_total_relation_size('stratacache.entries')").fetchone()[0]
                         / 2 ** 20, 1),
                     "index_mib": round(conn.execute(
-                        "SELECT pg_relation_size('stratacache.entries_embedding')").fetchone()[0]
+                        "SELECT pg_relation_size(%s)",
+                        (f"stratacache.{INDEX_NAMES[kind]}",)).fetchone()[0]
                         / 2 ** 20, 1),
                     "searches": _searches(conn, vectors, layout, queries, ef_search,
-                                          HALFVEC_SEARCH_SQL if halfvec else SEARCH_SQL)}
+                                          SEARCH_SQL if servers else FLOAT_SEARCH_SQL)}
     postgres.execute("postgres", f'DROP DATABASE "{dsn.rsplit("/", 1)[1]}"')
     return out
 
@@ -768,14 +770,14 @@ def _print_parts(r: dict[str, Any]) -> None:
         rows = []
         for layout in v["layouts"].values():
             for name, f in layout["searches"].items():
-                rows.append([layout["partitions"], layout.get("index_type", "vector"),
+                rows.append([layout["partitions"], layout["index_type"],
                              layout["entries_per_partition"], name,
                              f["p50_ms"], f["p99_ms"], f["recall_at_1"], f["max_shortfall"],
                              f["fewer_than_k_rows"], f["plan"]])
         print(table(rows, ("partitions", "index", "per partition", "queries/scan order",
                            "p50 ms", "p99 ms", "recall@1", "max shortfall", "< k rows",
                            "plan")))
-        print(table([[layout["partitions"], layout.get("index_type", "vector"),
+        print(table([[layout["partitions"], layout["index_type"],
                       layout["copy_s"], layout["index_build_s"], layout.get("index_mib"),
                       layout["table_and_indexes_mib"]] for layout in v["layouts"].values()],
                     ("partitions", "index", "COPY s", "HNSW build s", "index MiB",
@@ -839,7 +841,7 @@ def _summary(r: dict[str, Any]) -> list[list[object]]:
     if "pgvector" in r:
         v = r["pgvector"]
         layouts = [layout for layout in v["layouts"].values()
-                   if layout.get("index_type", "vector") == "vector"]
+                   if layout["index_type"] == INDEX_TYPES[0]]
         recall = {layout["partitions"]: layout["searches"]["near/strict_order"]["recall_at_1"]
                   for layout in layouts}
         figures = "; ".join(
@@ -912,8 +914,9 @@ def main(argv: list[str] | None = None) -> int:
                              "--hnsw-ef-search)")
     parser.add_argument("--queries", type=int, default=200, help="queries per kind in part 4")
     parser.add_argument("--index-types", default=",".join(INDEX_TYPES),
-                        help="part 4: the HNSW indexes to measure, comma-separated: vector "
-                             "(the server's: float32) and halfvec (over a half-precision cast)")
+                        help="part 4: the HNSW indexes to measure, comma-separated: halfvec "
+                             "(the server's: over a half-precision cast of the vector) and "
+                             "vector (over the float32 column, as schema version 1)")
     parser.add_argument("--down-seconds", type=float, default=4.0,
                         help="part 5a: seconds of service before PostgreSQL stops, stopped, and "
                              "after Stores resume")

@@ -177,4 +177,4 @@ def test_shared_store_benchmark_runs_on_a_small_slice(tmp_path: Path) -> None:
     assert propagation["exact_hits_lost_to_semantic_changes"] == 0
     assert report["node_kill"]["lost"] == 0 and report["database_restart"]["wrong_hits"] == 0
     assert report["fleet_quality"]["pairs"] == 30
-    assert sorted(report["pgvector"]["layouts"]) == ["1", "1/halfvec", "20", "20/halfvec"]
+    assert sorted(report["pgvector"]["layouts"]) == ["1", "1/vector", "20", "20/vector"]

@@ -290,6 +290,30 @@ def test_db_check_says_whether_a_database_is_ready(
     assert cli.main(["db", "check", "--shared-store", shared_store]) == 1
 
 
+def test_a_version_1_store_is_migrated_in_place(
+        start_server, shared_store: str, postgres, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A database a version 1 server made (float32 HNSW index, no policies or evidence tables)
+    is upgraded by the next server to start, keeping its entries."""
+    database = shared_store.rsplit("/", 1)[1]
+    first = start_server(data_dir=tmp_path / "a", shared_store=shared_store)
+    entry_id = first.client().store(QUESTION, "answer")
+    first.stop()
+    postgres.execute(database, "DROP TABLE stratacache.policies, stratacache.evidence")
+    postgres.execute(database, "DROP INDEX stratacache.entries_embedding_half")
+    postgres.execute(database, "CREATE INDEX entries_embedding ON stratacache.entries "
+                               "USING hnsw (embedding vector_ip_ops)")
+    postgres.execute(database, "UPDATE stratacache.meta SET value = '1' "
+                               "WHERE key = 'schema_version'")
+    node = start_server(data_dir=tmp_path / "b", shared_store=shared_store).client()
+    assert node.lookup(PARAPHRASE).entry_id == entry_id
+    node.set_policy("default", min_similarity=0.9)  # the new tables are there
+    assert postgres.execute(database, "SELECT value FROM stratacache.meta "
+                                      "WHERE key = 'schema_version'") == [(shared.SCHEMA_VERSION,)]
+    indexes = {name for name, in postgres.execute(
+        database, "SELECT indexname FROM pg_indexes WHERE schemaname = 'stratacache'")}
+    assert "entries_embedding_half" in indexes and "entries_embedding" not in indexes
+
+
 def test_an_entry_read_before_an_invalidation_is_not_cached_after_it(fleet) -> None:  # type: ignore[no-untyped-def]
     """The cache-fill race: B reads X from the database, A removes X, B's feed applies the
     removal (B holds no copy yet), then B would cache X for good. B must not."""
