@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from stratacache import Client, cli, shared
-from stratacache.client import UnavailableError
+from stratacache.client import InvalidArgumentError, UnavailableError
 from stratacache.errors import CacheError
 from tests.data import qqp_pairs
 from tests.processes import ServerProcess, free_port
@@ -153,6 +155,98 @@ def test_policies_evidence_and_vetoes_are_the_fleets(
     rows = nodes[0].engine.policies._db.execute(
         "SELECT count(*) FROM evidence WHERE user_id = 'u-7'").fetchone()
     assert rows == (0,)
+
+
+def test_the_first_node_on_a_store_gives_it_its_policies_and_evidence(
+        start_server, shared_store: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A single node joining a new fleet (or the first node on a store upgraded from schema 1,
+    where policies lived with each node) keeps its policy floors and evidence, and the nodes
+    after it get them."""
+    single = start_server(data_dir=tmp_path / "a")
+    with single.client() as c:
+        c.set_policy("qa", max_wrong_rate=0.5, min_similarity=0.9)
+        before = c.add_evidence("qa", [(p.a, p.b, p.duplicate) for p in qqp_pairs(300)])["policy"]
+    single.stop()
+    a = start_server(data_dir=tmp_path / "a", shared_store=shared_store).client()
+    b = start_server(data_dir=tmp_path / "b", shared_store=shared_store).client()
+    for client in (a, b):
+        status = client.get_policy("qa")
+        assert (status["evidence"], status["bound"], status["min_similarity"]) == (
+            300, pytest.approx(0.5), pytest.approx(0.9))
+        assert status["threshold"] == pytest.approx(before["threshold"])
+    with pytest.raises(InvalidArgumentError, match="shared store refused"):
+        a.add_evidence("qa", [("a question with a \x00 in it?", "another question?", True)])
+
+
+def test_a_change_a_node_cannot_apply_does_not_stop_its_feed(
+        fleet, postgres, shared_store: str) -> None:  # type: ignore[no-untyped-def]
+    """A malformed change (a newer or broken writer) is logged and remedied; the changes after
+    it still reach the node."""
+    a_node, b_node = fleet(2)
+    a, b = a_node.client(), b_node.client()
+    kept = a.store(QUESTION, "answer", namespace="support")
+    assert b.lookup(QUESTION, namespace="support").hit and holds_locally(b_node, kept)
+    database = shared_store.rsplit("/", 1)[1]
+    for kind, body in (("policy", '{"namespace": "support", "policy": {"new_field": 1}}'),
+                       ("remove", '{"no_such_field": 1}')):
+        postgres.execute(database, "INSERT INTO stratacache.changes (kind, body) VALUES "
+                                   f"('{kind}', '{body}')")
+    removed = a.store(OTHER, "answer", namespace="other")
+    assert b.lookup(OTHER, namespace="other").hit
+    a.invalidate_namespace("other")
+    wait_for(misses(b, OTHER, namespace="other"), "b to apply the changes after the bad ones")
+    assert b_node.engine.shared.connected
+    # the bad removal emptied b's tiers (they might have held what it removed); the shared
+    # store still serves what it did not remove
+    assert not holds_locally(b_node, kept) and not holds_locally(b_node, removed)
+    assert b.lookup(QUESTION, namespace="support").entry_id == kept
+
+
+def test_a_user_deleted_while_their_feedback_is_added_leaves_no_row(
+        fleet, postgres, shared_store: str) -> None:  # type: ignore[no-untyped-def]
+    """DeleteUser waits for evidence being added to commit, so it deletes those rows too:
+    PostgreSQL and every node agree."""
+    (node,) = fleet(1)
+    client = node.client()
+    database = shared_store.rsplit("/", 1)[1]
+    with psycopg.connect(shared_store) as adding:  # a transaction stays open until commit
+        adding.execute("INSERT INTO stratacache.evidence (batch, created_at, namespace, source, "
+                       "query, matched, correct, entry_id, user_id, similarity) VALUES "
+                       "('racing', 0, 'default', 'feedback', %s, %s, false, 'e-1', 'u-9', 0.9)",
+                       (PARAPHRASE, QUESTION))
+        with ThreadPoolExecutor(1) as pool:
+            deleting = pool.submit(client.delete_user, "u-9")
+            wait_for(lambda: postgres.execute(database, "SELECT count(*) FROM pg_locks WHERE "
+                                                        "NOT granted") != [(0,)],
+                     "DeleteUser to wait for the evidence being added")
+            adding.execute("SELECT pg_advisory_xact_lock(%s)", (shared.LOG_LOCK,))
+            adding.execute("INSERT INTO stratacache.changes (kind, body) VALUES ('evidence', "
+                           "'{\"namespace\": \"default\", \"batch\": \"racing\"}')")
+            adding.commit()
+            deleting.result()
+    assert postgres.execute(database, "SELECT count(*) FROM stratacache.evidence") == [(0,)]
+    wait_for(lambda: node.engine.shared.applied >= postgres.execute(
+        database, "SELECT max(seq) FROM stratacache.changes")[0][0], "the node to catch up")
+    assert client.get_policy("default")["evidence"] == 0
+
+
+def test_a_quiet_fleet_whose_log_was_pruned_keeps_its_copies_across_restarts(
+        fleet, start_server, postgres, shared_store: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A log pruned empty (a day without invalidations) still counts the changes it held: a
+    node that joined after it does not empty its tiers at every restart."""
+    (a_node,) = fleet(1)
+    a = a_node.client()
+    entry_id = a.store(QUESTION, "answer")
+    a.invalidate_namespace("elsewhere")  # one change, then the log is pruned empty
+    database = shared_store.rsplit("/", 1)[1]
+    postgres.execute(database, "WITH gone AS (DELETE FROM stratacache.changes RETURNING seq) "
+                               "UPDATE stratacache.meta SET value = (SELECT to_jsonb(max(seq)) "
+                               "FROM gone) WHERE key = 'pruned_through'")
+    b_node = start_server(data_dir=tmp_path / "b", shared_store=shared_store)
+    assert b_node.client().lookup(QUESTION).hit and holds_locally(b_node, entry_id)
+    b_node.stop()
+    b_again = start_server(data_dir=tmp_path / "b", shared_store=shared_store)
+    assert holds_locally(b_again, entry_id)
 
 
 @pytest.mark.parametrize("log_pruned", [False, True], ids=["log-kept", "log-pruned"])

@@ -144,8 +144,11 @@ class Engine:
             if engine.shared is None:
                 await engine.feedback_desk.load()
             else:  # the node's evidence is replaced by the fleet's, then loaded
-                await engine.shared.open(engine._apply_change, engine._forget_local_copies,
-                                         engine._take_book)
+                from .shared import Replica
+
+                await engine.shared.open(Replica(
+                    apply=engine._apply_change, reset=engine._forget_local_copies,
+                    take_book=engine._take_book, own_book=engine.policies.everything))
             # What they built of every warm entry is gone now; the heap pages it held stay
             # resident unless handed back (about 190 bytes a warm entry at 100k entries).
             return_free_memory()

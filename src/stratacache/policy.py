@@ -615,6 +615,23 @@ class PolicyBook:
                 "open): copies may remain there until it is; repeat the call")
         return removed
 
+    async def everything(self) -> tuple[dict[str, Policy],
+                                        list[tuple[str, Observation, str | None]]]:
+        """Every policy, and every observation scored by this book's embedder with its
+        namespace and the verifier that scored it (what :meth:`replace_all` takes)."""
+        def read() -> list[tuple]:  # type: ignore[type-arg]
+            with self._db_lock:
+                return self._db.execute(
+                    "SELECT namespace, query, matched, correct, similarity, verifier_score, "
+                    "source, entry_id, user_id, verifier FROM evidence WHERE embedder = ? "
+                    "ORDER BY id", (self._embedder_id,)).fetchall()
+
+        rows = await asyncio.to_thread(read)
+        return dict(self._policies), [
+            (ns, Observation(q, m, bool(c), float(sim), score, source, entry, user), verifier)
+            for ns, q, m, c, sim, score, source, entry, user, verifier in rows
+            if _finite(sim) and (score is None or _finite(score)) and c in (0, 1)]
+
     async def replace_all(self, policies: dict[str, Policy],
                           evidence: Sequence[tuple[str, Observation, str | None]]) -> None:
         """Replaces every policy and observation with these (a shared store's: each with the

@@ -43,14 +43,14 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import records
-from .errors import CacheError, StorageFailed, Unavailable
+from .errors import CacheError, InvalidArgument, StorageFailed, Unavailable
 from .policy import Observation, Policy
 from .records import Entry
 from .tiers.base import Filter
@@ -86,14 +86,31 @@ APPLY_WAIT_S = 5.0
 ENTRY_CHANGES = ("remove", "user")
 #: Changes to policies and evidence: skipped when the node's copy was taken after them.
 BOOK_CHANGES = ("policy", "evidence")
-#: Local work for one change: (kind, body). An "evidence" body carries its rows under
-#: "observations", read by the feed.
-Apply = Callable[[str, dict[str, Any]], Awaitable[None]]
 #: One evidence row: its namespace, the observation, and the verifier that scored it (None:
 #: unscored by a verifier).
 EvidenceRow = tuple[str, Observation, str | None]
-#: Replaces the node's policies and evidence with the shared store's.
-Sync = Callable[[dict[str, Policy], list[EvidenceRow]], Awaitable[None]]
+#: Every policy and evidence row: of the shared store, or of a node's own copy.
+Book = tuple[dict[str, Policy], list[EvidenceRow]]
+
+
+@dataclass(frozen=True)
+class Replica:
+    """What the change feed does to the node's local state (the engine's methods).
+
+    Attributes:
+        apply: applies one change (kind, body); an "evidence" body carries its rows under
+            "observations", read by the feed.
+        reset: empties the local tiers.
+        take_book: replaces the node's policies and evidence with the shared store's.
+        own_book: the node's policies and evidence: the first node to start on a store that
+            holds none yet gives it its own (an upgrade from schema 1, or a single node
+            joining a new fleet), so no policy floor is lost.
+    """
+
+    apply: Callable[[str, dict[str, Any]], Awaitable[None]]
+    reset: Callable[[], Awaitable[None]]
+    take_book: Callable[[dict[str, Policy], list[EvidenceRow]], Awaitable[None]]
+    own_book: Callable[[], Awaitable[Book]]
 
 
 def describe(dsn: str) -> str:
@@ -252,10 +269,10 @@ class SharedStore:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
-    async def open(self, apply: Apply, reset: Callable[[], Awaitable[None]], sync: Sync) -> None:
+    async def open(self, replica: Replica) -> None:
         """Migrates the schema, checks the model, opens the pool and starts the change feed,
-        which first replaces the node's policies and evidence with the store's (``sync``) and
-        catches up (or empties the local tiers through ``reset`` when it cannot).
+        which first replaces the node's policies and evidence with the store's and catches up
+        (or empties the local tiers when it cannot).
 
         Raises:
             CacheError: the database is unreachable, lacks pgvector, is newer than this
@@ -278,8 +295,8 @@ class SharedStore:
             configure=self._configure, check=AsyncConnectionPool.check_connection,
             reconnect_timeout=365 * 86400.0, name="stratacache-shared")
         await self._pool.open(wait=True, timeout=CONNECT_TIMEOUT_S * 5)
-        self.feed = ChangeFeed(self, apply, reset, sync, self._read_state())
-        await self.feed.start()
+        self.feed = ChangeFeed(self, replica, self._read_state())
+        await self.feed.start(timeout=CONNECT_TIMEOUT_S * 15)
 
     async def _configure(self, conn: Any) -> None:
         from pgvector.psycopg import register_vector_async
@@ -314,11 +331,16 @@ class SharedStore:
                 raise CacheError(f"the shared store {self.name} has schema version {version}, "
                                  f"newer than this server's {SCHEMA_VERSION}: upgrade stratacache")
             if version < SCHEMA_VERSION:
+                if version:
+                    # Every node waits here (the lock) while the HNSW index is built again.
+                    log.warning("shared store %s: migrating schema %d to %d (building the "
+                                "vector index again: about a minute per 100,000 entries; stop "
+                                "every older node first)", self.name, version, SCHEMA_VERSION)
                 for statement in _schema(self._dimension, *self._graph):
                     await conn.execute(statement)
                 await self._put_meta(conn, "schema_version", SCHEMA_VERSION)
-                log.info("shared store %s: schema created (version %d)", self.name,
-                         SCHEMA_VERSION)
+                log.info("shared store %s: schema %s (version %d)", self.name,
+                         "migrated" if version else "created", SCHEMA_VERSION)
             model = meta.get("model")
             if model is None:
                 await self._put_meta(conn, "model", self._model | {"dimension": self._dimension})
@@ -395,6 +417,9 @@ class SharedStore:
             raise kind(f"the shared store {self.name} is unreachable ({_first_line(exc)})"
                        + (": nothing was changed; retry once it is back" if writing else "")
                        ) from None
+        except psycopg.DataError as exc:  # a text PostgreSQL cannot hold (a NUL character)
+            raise InvalidArgument(f"the shared store refused a value: {_first_line(exc)}; "
+                                  "nothing was changed") from None
 
     @staticmethod
     async def _announce(conn: Any, kind: str, body: dict[str, Any]) -> int:
@@ -511,6 +536,8 @@ class SharedStore:
 
         async def delete(conn: Any) -> int:
             async with conn.transaction():
+                if kind == "user":
+                    await self._lock_evidence(conn)
                 cursor = await conn.execute(f"DELETE FROM stratacache.entries WHERE {sql}", params)
                 if kind == "user":
                     await conn.execute(
@@ -523,6 +550,14 @@ class SharedStore:
         return await self._run(True, delete)
 
     # --- policies and evidence ----------------------------------------------------------------
+
+    @staticmethod
+    async def _lock_evidence(conn: Any) -> None:
+        """Waits for evidence being added to commit, and holds further additions until this
+        transaction ends: a deletion must see every row whose change comes before its own (a
+        row it missed would stay here while every node dropped it). Taken first, holding no
+        other lock, so no deadlock."""
+        await conn.execute("LOCK TABLE stratacache.evidence IN SHARE ROW EXCLUSIVE MODE")
 
     async def set_policy(self, namespace: str, policy: Policy, *,
                          clear_evidence: bool = False) -> int:
@@ -542,6 +577,7 @@ class SharedStore:
                     (namespace, policy.max_wrong_rate, policy.min_similarity, policy.verify,
                      time.time()))
                 if clear_evidence:
+                    await self._lock_evidence(conn)
                     await conn.execute("DELETE FROM stratacache.evidence WHERE namespace = %s",
                                        (namespace,))
                 return await self._announce(conn, "policy", {
@@ -589,13 +625,45 @@ class SharedStore:
         return [_evidence_row(row) for row in rows]
 
     @staticmethod
+    async def seed_book(conn: Any, own_book: Callable[[], Awaitable[Book]]) -> int | None:
+        """Gives a store whose book was never seeded the node's own policies and evidence
+        (one node does it, once); returns how many policies it gave, None if it was seeded."""
+        from psycopg.types.json import Jsonb
+
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATE_LOCK,))
+            row = await (await conn.execute(
+                "SELECT value FROM stratacache.meta WHERE key = 'book_seeded'")).fetchone()
+            if row is not None:
+                return None
+            policies, evidence = await own_book()
+            now = time.time()
+            async with conn.cursor() as cursor:
+                await cursor.executemany(
+                    "INSERT INTO stratacache.policies VALUES (%s, %s, %s, %s, %s)",
+                    [(ns, p.max_wrong_rate, p.min_similarity, p.verify, now)
+                     for ns, p in policies.items()])
+                await cursor.executemany(
+                    f"INSERT INTO stratacache.evidence (batch, created_at, {_EVIDENCE_COLUMNS}) "
+                    "VALUES ('seed', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    [(now, ns, o.source, o.query, o.matched, o.correct, o.entry_id, o.user_id,
+                      o.similarity, o.verifier_score, verifier)
+                     for ns, o, verifier in evidence])
+            await conn.execute("INSERT INTO stratacache.meta VALUES ('book_seeded', %s)",
+                               (Jsonb(True),))
+            return len(policies)
+
+    @staticmethod
     async def snapshot(conn: Any) -> tuple[int, dict[str, Policy], list[EvidenceRow]]:
         """(the last change, every policy, every evidence row), as of that change: one
         repeatable-read transaction, and change rows commit in sequence order."""
         async with conn.transaction():
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            # A log pruned empty still counts the changes it held.
             seq = (await (await conn.execute(
-                "SELECT coalesce(max(seq), 0) FROM stratacache.changes")).fetchone())[0]
+                "SELECT greatest((SELECT coalesce(max(seq), 0) FROM stratacache.changes), "
+                "(SELECT value::bigint FROM stratacache.meta WHERE key = 'pruned_through'))"
+            )).fetchone())[0]
             policies = {ns: Policy(rate, cosine, verify) for ns, rate, cosine, verify in
                         await (await conn.execute(
                             "SELECT namespace, max_wrong_rate, min_similarity, verify FROM "
@@ -675,20 +743,22 @@ class ChangeFeed:
     away. ``on_connected`` callbacks hear each change of it (health checks).
 
     On its first connection, and on any after the log was pruned past the last change it
-    applied, the feed replaces the node's policies and evidence with the store's (``sync``);
-    in the second case, and when the node never saw this store, it also empties the local
-    tiers (``reset``).
+    applied, the feed replaces the node's policies and evidence with the store's; in the
+    second case, and when the node never saw this store, it also empties the local tiers.
+
+    A change the node fails to apply (a bug, a local disk error) does not stop the feed: a
+    policy or evidence change makes it take the store's policies and evidence whole again, an
+    entry change empties the local tiers (they may hold what it removed). Only a failure of
+    that remedy, or of the connection, stops it, to retry.
     """
 
-    def __init__(self, store: SharedStore, apply: Apply, reset: Callable[[], Awaitable[None]],
-                 sync: Sync, applied: int | None) -> None:
+    def __init__(self, store: SharedStore, replica: Replica, applied: int | None) -> None:
         self._store = store
-        self._apply = apply
-        self._reset = reset
-        self._sync = sync
+        self._replica = replica
         #: The last change applied; None: this node never saw this store.
         self._applied = applied
-        #: Policy and evidence changes up to here are in the node's copy already.
+        #: Policy and evidence changes up to here are in the node's copy already; None: the
+        #: node must take the store's copy before applying any.
         self._synced_through: int | None = None
         self._connected = False
         self.on_connected: list[Callable[[bool], None]] = []
@@ -698,6 +768,7 @@ class ChangeFeed:
         self._advanced = asyncio.Event()
         self._ready = asyncio.Event()
         self._lost = False
+        self._failure: str | None = None
 
     @property
     def applied(self) -> int:
@@ -714,12 +785,23 @@ class ChangeFeed:
             for callback in self.on_connected:
                 callback(value)
 
-    async def start(self) -> None:
+    async def start(self, timeout: float) -> None:
+        """Starts the feed and waits until it has caught up once.
+
+        Raises:
+            CacheError: it could not within ``timeout`` seconds (the message says why).
+        """
         self._task = asyncio.get_running_loop().create_task(self._run(), name="change-feed")
-        await asyncio.wait([self._task, asyncio.ensure_future(self._ready.wait())],
+        ready = asyncio.ensure_future(self._ready.wait())
+        await asyncio.wait([self._task, ready], timeout=timeout,
                            return_when=asyncio.FIRST_COMPLETED)
         if self._task.done():
             self._task.result()
+        if not self._ready.is_set():
+            ready.cancel()
+            await self.close()
+            raise CacheError(f"the shared store {self._store.name} could not be followed within "
+                             f"{timeout:g} s: {self._failure or 'no answer'}")
 
     def lost(self, exc: BaseException) -> None:
         """A query failed for the connection's sake: stop using the store until reconnected."""
@@ -757,12 +839,20 @@ class ChangeFeed:
                         application_name="stratacache-feed") as conn:
                     await conn.execute(f"LISTEN {CHANNEL}")
                     await self._resync_if_needed(conn)
+                    caught_up_from = self.applied
                     await self._catch_up(conn)
+                    # A sweep that pruned the log while this node caught up may have taken
+                    # changes it never read.
+                    if self._applied is not None and \
+                            caught_up_from < await self._store.pruned_through(conn):
+                        await self._resync_if_needed(conn, force=True)
+                        await self._catch_up(conn)
                     await self._store.pool_ready()
                     if not self.connected:
                         log.info("shared store %s: listening for changes (applied through %d)",
                                  self._store.name, self.applied)
                     self.connected = True
+                    self._failure = None
                     self._ready.set()
                     delay = RECONNECT_S[0]
                     while True:
@@ -776,31 +866,42 @@ class ChangeFeed:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if self.connected:
-                    log.warning("lost the shared store %s (%s): serving from local tiers until "
-                                "it is back", self._store.name, _first_line(exc))
+                if self.connected or self._failure is None:  # once per outage
+                    log.warning("%s the shared store %s (%s): serving from local tiers until "
+                                "it is back", "lost" if self.connected else "cannot follow",
+                                self._store.name, _first_line(exc),
+                                exc_info=not isinstance(exc, (psycopg.OperationalError,
+                                                              ConnectionError)))
+                self._failure = _first_line(exc)
                 self.connected = False
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_S[1])
 
-    async def _resync_if_needed(self, conn: Any) -> None:
-        """Takes the store's policies and evidence at the first connection, and empties the
-        local tiers too where the log cannot say what changed since this node last looked."""
+    async def _resync_if_needed(self, conn: Any, *, force: bool = False) -> None:
+        """Takes the store's policies and evidence at the first connection (giving it this
+        node's own if it has none yet), and empties the local tiers too where the log cannot
+        say what changed since this node last looked (or ``force``)."""
         pruned = await self._store.pruned_through(conn)
-        reset = self._applied is None or self._applied < pruned
+        reset = force or self._applied is None or self._applied < pruned
         if not reset and self._synced_through is not None:
             return
+        self._synced_through = None  # until the copy below is taken whole
+        seeded = await self._store.seed_book(conn, self._replica.own_book)
+        if seeded is not None:
+            log.info("shared store %s: had no policies or evidence; this node gave it its own "
+                     "(%d policies)", self._store.name, seeded)
         seq, policies, evidence = await self._store.snapshot(conn)
         if reset:
             log.warning("local tiers emptied: they may hold entries changed in the shared "
                         "store since this node last saw it (%s)", "never seen"
                         if self._applied is None else f"it stopped at change {self._applied}, "
                         f"the log starts after {pruned}")
-            await self._reset()
+            await self._replica.reset()
             self._recent.clear()
             self._forgotten = self._applied = seq
             self._store.save_state(seq)
-        await self._sync(policies, evidence)
+            self._wake()
+        await self._replica.take_book(policies, evidence)
         self._synced_through = seq
         log.info("shared store %s: %d policies and %d evidence rows taken as of change %d",
                  self._store.name, len(policies), len(evidence), seq)
@@ -811,27 +912,56 @@ class ChangeFeed:
             if not changes:
                 return
             for seq, kind, body in changes:
+                if seq <= self.applied:  # a reset while this page was read skipped past it
+                    continue
                 if kind in BOOK_CHANGES:
-                    if seq <= (self._synced_through or 0):
-                        pass  # in the copy taken at the last sync already
-                    elif kind == "evidence":
-                        rows = await self._store.evidence_batch(conn, body["batch"])
-                        await self._apply(kind, body | {"observations": rows})
-                    else:
-                        await self._apply(kind, body)
+                    if self._synced_through is None:
+                        await self._resync_if_needed(conn)  # after a failed book change
+                    if seq > (self._synced_through or 0):  # else in the copy taken already
+                        await self._apply(conn, seq, kind, body)
                 else:
                     if len(self._recent) == self._recent.maxlen:
                         self._forgotten = self._recent[0][0]
                     # Remembered before it is applied: a lookup that read an entry before this
                     # change must see it when it decides whether to cache the entry. An
                     # unknown kind (None) is taken to touch every entry.
-                    where = filter_from(body) if kind in ENTRY_CHANGES else None
+                    try:
+                        where = filter_from(body) if kind in ENTRY_CHANGES else None
+                    except (TypeError, ValueError):  # malformed: apply() says so
+                        where = None
                     self._recent.append((seq, where))
-                    await self._apply(kind, body)
+                    await self._apply(conn, seq, kind, body)
                 self._applied = seq
             self._store.save_state(self.applied)
-            self._advanced.set()
-            self._advanced = asyncio.Event()
+            self._wake()
+
+    async def _apply(self, conn: Any, seq: int, kind: str, body: dict[str, Any]) -> None:
+        """Applies one change; one the node fails to apply is remedied (see the class doc)."""
+        import psycopg
+
+        if kind == "evidence":  # its rows, read here: a failure is the connection's
+            body = body | {"observations": await self._store.evidence_batch(conn,
+                                                                            body["batch"])}
+        try:
+            await self._replica.apply(kind, body)
+        except (asyncio.CancelledError, psycopg.OperationalError):
+            raise
+        except Exception:
+            if kind in BOOK_CHANGES:
+                log.exception("could not apply change %d (%s) of the shared store %s: taking "
+                              "its policies and evidence whole again", seq, kind,
+                              self._store.name)
+                self._synced_through = None
+                await self._resync_if_needed(conn)
+            else:
+                log.exception("could not apply change %d (%s) of the shared store %s: "
+                              "emptying the local tiers, which may hold what it removed", seq,
+                              kind, self._store.name)
+                await self._replica.reset()
+
+    def _wake(self) -> None:
+        self._advanced.set()
+        self._advanced = asyncio.Event()
 
     async def close(self) -> None:
         if self._task is not None:
