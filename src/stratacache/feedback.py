@@ -86,7 +86,10 @@ class Feedback:
             scores = await self._in_chunks([(q, m) for _, q, m in stale], self._score_pairs)
             await asyncio.to_thread(self._policies.rescore, [
                 (row[0], *(score or (0.0, None))) for row, score in zip(stale, scores)])
-        wrong = self._policies.load()
+        await self._veto(self._policies.load())
+
+    async def _veto(self, wrong: Sequence[tuple[str, str, str]]) -> None:
+        """Vetoes each (namespace, entry id, query) of wrong feedback for queries like it."""
         vectors = await self._in_chunks([q for _, _, q in wrong], self._encoder.encode)
         for (namespace, entry_id, _), vector in zip(wrong, vectors):
             self._policies.add_veto(namespace, entry_id, vector)
@@ -139,11 +142,8 @@ class Feedback:
                 observations[i] = dataclasses.replace(observations[i], similarity=cosine,
                                                       verifier_score=verified)
         await self._policies.add(namespace, observations, capped=False)
-        wrong = [o for o in observations if o.source == "feedback" and not o.correct and o.entry_id]
-        vectors = await self._in_chunks([o.query for o in wrong], self._encoder.encode)
-        for o, vector in zip(wrong, vectors):
-            assert o.entry_id is not None
-            self._policies.add_veto(namespace, o.entry_id, vector)
+        await self._veto([(namespace, o.entry_id, o.query) for o in observations
+                          if o.source == "feedback" and not o.correct and o.entry_id])
 
     async def report(self, namespace: str, entry_id: str, prompt: str,
                      correct: bool) -> tuple[bool, PolicyStatus]:
