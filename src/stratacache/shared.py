@@ -931,7 +931,7 @@ class ChangeFeed:
                         where = None
                     self._recent.append((seq, where))
                     await self._apply(conn, seq, kind, body)
-                self._applied = seq
+                self._applied = max(self.applied, seq)  # a reset in _apply may have passed it
             self._store.save_state(self.applied)
             self._wake()
 
