@@ -534,14 +534,9 @@ class PolicyBook:
         def write() -> None:
             with self._db_lock:
                 self._db.execute("BEGIN")
-                self._db.executemany(
-                    "INSERT INTO evidence (namespace, source, query, matched, correct, entry_id, "
-                    "created_at, similarity, embedder, verifier_score, verifier, user_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(namespace, o.source, o.query, o.matched, int(o.correct), o.entry_id, now,
-                      o.similarity, self._embedder_id, o.verifier_score,
-                      self._verifier_id if o.verifier_score is not None else None, o.user_id)
-                     for o in observations])
+                self._insert_evidence(
+                    [(namespace, o, None if o.verifier_score is None else self._verifier_id)
+                     for o in observations], now)
                 self._db.execute("COMMIT")
 
         self._adding[namespace] = adding + len(observations)
@@ -555,6 +550,18 @@ class PolicyBook:
         for o in observations:
             ev.append(o.correct, o.similarity, o.verifier_score, o.source)
         self._changed(namespace)
+
+    def _insert_evidence(self, rows: Iterable[tuple[str, Observation, str | None]],
+                         now: float) -> None:
+        """Writes (namespace, observation, verifier that scored it) rows, scored by this
+        book's embedder. Blocking; hold the lock, inside a transaction."""
+        self._db.executemany(
+            "INSERT INTO evidence (namespace, source, query, matched, correct, entry_id, "
+            "created_at, similarity, embedder, verifier_score, verifier, user_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(ns, o.source, o.query, o.matched, int(o.correct), o.entry_id, now, o.similarity,
+              self._embedder_id, o.verifier_score, verifier, o.user_id)
+             for ns, o, verifier in rows])
 
     async def clear_evidence(self, namespace: str) -> int:
         """Forgets the namespace's evidence and waits for its new rule; returns rows deleted."""
@@ -647,13 +654,7 @@ class PolicyBook:
                     (ns, p.max_wrong_rate, p.min_similarity,
                      None if p.verify is None else int(p.verify), now)
                     for ns, p in policies.items()])
-                self._db.executemany(
-                    "INSERT INTO evidence (namespace, source, query, matched, correct, entry_id, "
-                    "created_at, similarity, embedder, verifier_score, verifier, user_id) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(ns, o.source, o.query, o.matched, int(o.correct), o.entry_id, now,
-                      o.similarity, self._embedder_id, o.verifier_score, verifier, o.user_id)
-                     for ns, o, verifier in evidence])
+                self._insert_evidence(evidence, now)
                 self._db.execute("COMMIT")
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 

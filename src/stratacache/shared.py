@@ -594,19 +594,13 @@ class SharedStore:
         Raises:
             Unavailable: the database is unreachable (nothing added).
         """
-        batch, now = uuid.uuid4().hex, time.time()
+        batch = uuid.uuid4().hex
 
         async def write(conn: Any) -> int:
             async with conn.transaction():
-                async with conn.cursor() as cursor:
-                    await cursor.executemany(
-                        "INSERT INTO stratacache.evidence (batch, created_at, "
-                        f"{_EVIDENCE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, "
-                        "%s, %s, %s)",
-                        [(batch, now, namespace, o.source, o.query, o.matched, o.correct,
-                          o.entry_id, o.user_id, o.similarity, o.verifier_score,
-                          None if o.verifier_score is None else verifier)
-                         for o in observations])
+                await self._insert_evidence(conn, batch, [
+                    (namespace, o, None if o.verifier_score is None else verifier)
+                    for o in observations])
                 return await self._announce(conn, "evidence",
                                             {"namespace": namespace, "batch": batch})
 
@@ -623,6 +617,18 @@ class SharedStore:
             f"SELECT {_EVIDENCE_COLUMNS} FROM stratacache.evidence WHERE batch = %s ORDER BY id",
             (batch,))).fetchall()
         return [_evidence_row(row) for row in rows]
+
+    @staticmethod
+    async def _insert_evidence(conn: Any, batch: str, rows: list[EvidenceRow]) -> None:
+        """Writes evidence rows as one batch, inside the caller's transaction."""
+        now = time.time()
+        async with conn.cursor() as cursor:
+            await cursor.executemany(
+                f"INSERT INTO stratacache.evidence (batch, created_at, {_EVIDENCE_COLUMNS}) "
+                "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                [(batch, now, ns, o.source, o.query, o.matched, o.correct, o.entry_id,
+                  o.user_id, o.similarity, o.verifier_score, verifier)
+                 for ns, o, verifier in rows])
 
     @staticmethod
     async def seed_book(conn: Any, own_book: Callable[[], Awaitable[Book]]) -> int | None:
@@ -643,12 +649,7 @@ class SharedStore:
                     "INSERT INTO stratacache.policies VALUES (%s, %s, %s, %s, %s)",
                     [(ns, p.max_wrong_rate, p.min_similarity, p.verify, now)
                      for ns, p in policies.items()])
-                await cursor.executemany(
-                    f"INSERT INTO stratacache.evidence (batch, created_at, {_EVIDENCE_COLUMNS}) "
-                    "VALUES ('seed', %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    [(now, ns, o.source, o.query, o.matched, o.correct, o.entry_id, o.user_id,
-                      o.similarity, o.verifier_score, verifier)
-                     for ns, o, verifier in evidence])
+            await SharedStore._insert_evidence(conn, "seed", evidence)
             await conn.execute("INSERT INTO stratacache.meta VALUES ('book_seeded', %s)",
                                (Jsonb(True),))
             return len(policies)
